@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random-weight models saved the way `save_pretrained` saves them.
+
+They stand in for real checkpoints wherever a test needs *a* model of a given architecture
+rather than a trained one (loading, shapes, error paths).
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+SPECIALS = ["<|endoftext|>", "<think>", "</think>"]
+
+
+def _train_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = inspect.getsource(inspect) + inspect.getsource(Path)
+    tok.train_from_iterator(text.splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+def make_model_dir(folder: Path, kind: str = "llama", vocab_size: int = 300,
+                   think_tokens: bool = True, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+
+    tokenizer = _train_tokenizer(vocab_size)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    if kind == "llama":
+        config = LlamaConfig(**common)
+    else:
+        config = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+    if think_tokens:
+        config.think_tokens = ["<think>", "</think>"]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-mixtral", kind="mixtral")

@@ -1,0 +1,136 @@
+"""`toolkit.load`: local folders, hub ids through the HF cache, clear errors otherwise."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model_dir
+
+import toolkit as tk
+from toolkit.errors import InvalidRequestError, NotFoundError
+
+
+def test_local_dense_folder(llama_dir):
+    llm = tk.load(llama_dir)
+    info = llm.info
+    assert (info.source, info.architecture) == ("local", "LlamaForCausalLM")
+    assert info.context_length == 128 and info.num_layers == 2 and info.hidden_size == 32
+    assert info.vocab_size == len(llm.tokenizer)
+    assert info.eos_token_ids == (llm.tokenizer.convert_tokens_to_ids("<|endoftext|>"),)
+    assert info.think_token_ids == tuple(llm.tokenizer.convert_tokens_to_ids(t)
+                                         for t in ("<think>", "</think>"))
+    assert not info.is_moe and info.num_experts is None
+    assert info.num_parameters == sum(p.numel() for p in llm.model.parameters())
+    assert llm.device == torch.device("cpu") and llm.dtype == torch.float32
+    assert next(llm.model.parameters()).dtype == torch.float32
+    assert not llm.model.training
+    assert "LlamaForCausalLM" in repr(llm)
+
+
+def test_local_moe_folder_reports_experts(moe_dir):
+    info = tk.load(moe_dir).info
+    assert info.is_moe and (info.num_experts, info.experts_per_token) == (4, 2)
+    assert info.num_moe_layers == 2
+
+
+def test_model_without_think_tokens(tmp_path):
+    folder = make_model_dir(tmp_path / "plain", think_tokens=False)
+    tokenizer_cfg = folder / "tokenizer.json"
+    text = tokenizer_cfg.read_text().replace("<think>", "<th1nk>").replace("</think>",
+                                                                          "</th1nk>")
+    tokenizer_cfg.write_text(text)
+    assert tk.load(folder).info.think_token_ids is None
+
+
+def test_dtype_and_names(llama_dir):
+    llm = tk.load(llama_dir, dtype="bfloat16", aliases=["accounts/fireworks/models/x"])
+    assert next(llm.model.parameters()).dtype == torch.bfloat16
+    assert llm.resolve_model(None) == str(llama_dir)
+    assert llm.resolve_model("accounts/fireworks/models/x") == "accounts/fireworks/models/x"
+    with pytest.raises(NotFoundError) as info:
+        llm.resolve_model("gpt-4")
+    assert info.value.status_code == 404 and info.value.param == "model"
+    assert info.value.body["error"]["code"] == "NOT_FOUND"
+    assert "gpt-4" in str(info.value)
+
+
+def test_spec_rebuilds_the_engine(llama_dir):
+    llm = tk.load(llama_dir, dtype="float32")
+    spec = pickle.loads(pickle.dumps(llm.spec))
+    again = tk.load(spec.pop("name_or_path"), **spec)
+    assert again.info == llm.info
+
+
+def test_draft_model_must_share_the_tokenizer(llama_dir, moe_dir, tmp_path):
+    llm = tk.load(moe_dir, draft_model=llama_dir)
+    assert llm.draft.info.architecture == "LlamaForCausalLM"
+    other = make_model_dir(tmp_path / "other-vocab", vocab_size=280)
+    with pytest.raises(InvalidRequestError) as info:
+        tk.load(llama_dir, draft_model=other)
+    assert info.value.param == "draft_model"
+
+
+@pytest.mark.parametrize("name,message", [
+    ("./no/such/folder", "no model folder"),
+    ("/definitely/not/here", "no model folder"),
+    ("a/b/c", "no model folder"),
+    (".", "no config.json"),
+])
+def test_missing_paths(name, message):
+    with pytest.raises(NotFoundError, match=message):
+        tk.load(name)
+
+
+def test_bad_device_and_dtype(llama_dir):
+    with pytest.raises(InvalidRequestError) as info:
+        tk.load(llama_dir, dtype="int8")
+    assert info.value.param == "dtype"
+    with pytest.raises(InvalidRequestError) as info:
+        tk.load(llama_dir, device="tpu-please")
+    assert info.value.param == "device"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="no CUDA"):
+            tk.load(llama_dir, device="cuda")
+
+
+def test_uncached_hub_id_offline_names_the_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotFoundError, match="someorg/not-a-model") as info:
+        tk.load("someorg/not-a-model")
+    assert info.value.param == "model"
+
+
+def test_hub_id_loads_from_the_cache_offline(llama_dir, tmp_path):
+    """The real hub path (`from_pretrained(hub_id)`), fed by a cache laid out as the hub
+    client lays it out, since no hub is reachable from here."""
+    snapshot = tmp_path / "hub" / "models--toolkit-test--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(llama_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    code = "import toolkit as tk; i = tk.load('toolkit-test/tiny').info; print(i.source, i.path)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["hub", "toolkit-test/tiny"]
+
+
+def test_zoo_name_resolves_to_package_data():
+    from toolkit.models import ZOO_DIR, locate
+    if not (ZOO_DIR / "tiny-code" / "config.json").exists():
+        with pytest.raises(NotFoundError, match="not installed"):
+            locate("tiny-code")
+    else:
+        assert locate("tiny-code") == ("zoo", str(ZOO_DIR / "tiny-code"))
+
+
+def test_cli_describes_a_model(llama_dir, capsys):
+    from toolkit.cli import main
+    main([str(llama_dir)])
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "context_length" in out

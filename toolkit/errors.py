@@ -1,0 +1,49 @@
+"""API-shaped errors.
+
+Code written against the hosted completions API catches HTTP errors whose JSON body says
+what went wrong and which request field caused it. In-process there is no HTTP, so these
+exceptions carry the same `status_code` and `body` the hosted API would send, while still
+being ordinary Python exceptions (`ValueError` for a bad request, `LookupError` for an
+unknown model) for callers that never think about HTTP.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """Base class: an error the hosted API would answer with a non-2xx status."""
+
+    status_code: int = 500
+    type: str = "internal_error"
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The JSON body the hosted API returns with this error."""
+        return {"error": {"object": "error", "type": self.type, "code": self.code,
+                          "param": self.param, "message": self.message}}
+
+    def __str__(self) -> str:
+        return f"{self.message} (param: {self.param})" if self.param else self.message
+
+
+class InvalidRequestError(APIError, ValueError):
+    """A request field has a bad value (HTTP 400); `param` names the field."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    code = "BAD_REQUEST"
+
+
+class NotFoundError(APIError, LookupError):
+    """The model named in a request or given to `toolkit.load` does not exist (HTTP 404)."""
+
+    status_code = 404
+    type = "invalid_request_error"
+    code = "NOT_FOUND"

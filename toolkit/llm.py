@@ -1,0 +1,97 @@
+"""`toolkit.load` and the object it returns.
+
+An `LLM` is one loaded model (plus an optional draft model for speculation) that answers
+requests in-process. It is built from a handful of plain arguments, kept in `spec`, so the
+same engine can be rebuilt elsewhere (another process, another GPU) from a picklable dict.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .errors import InvalidRequestError, NotFoundError
+from .models import (DEFAULT_MODEL, LoadedModel, ModelInfo, load_pretrained, resolve_device,
+                     resolve_dtype)
+
+
+class LLM:
+    """A loaded model, answering to its own name and to any aliases."""
+
+    def __init__(self, target: LoadedModel, *, device: torch.device, dtype: torch.dtype,
+                 draft: Optional[LoadedModel] = None, aliases: Sequence[str] = (),
+                 spec: Optional[dict[str, Any]] = None) -> None:
+        self.target = target
+        self.draft = draft
+        self.device = device
+        self.dtype = dtype
+        self.aliases = tuple(aliases)
+        self.spec = spec or {}
+
+    @property
+    def name(self) -> str:
+        return self.target.info.name
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.target.info
+
+    @property
+    def model(self) -> Any:
+        return self.target.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    def resolve_model(self, requested: Optional[str]) -> str:
+        """The name a response reports for a request's `model` field.
+
+        Any name other than ours or an alias is a 404, never a silent substitution: code
+        written for one model must not quietly run on another.
+        """
+        if requested is None:
+            return self.name
+        if requested == self.name or requested in self.aliases:
+            return requested
+        known = ", ".join(repr(n) for n in (self.name, *self.aliases))
+        raise NotFoundError(f"Model not found: {requested!r}. This engine serves {known}; "
+                            f"pass aliases=[...] to toolkit.load to answer to other names.",
+                            "model")
+
+    def __repr__(self) -> str:
+        info = self.info
+        moe = f", moe={info.num_experts}x{info.experts_per_token}" if info.is_moe else ""
+        draft = f", draft={self.draft.info.name!r}" if self.draft else ""
+        return (f"LLM({info.name!r}, {info.architecture}, {info.num_parameters / 1e6:.1f}M "
+                f"params, context={info.context_length}{moe}{draft}, device={self.device}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')})")
+
+
+def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
+         device: Union[str, torch.device, None] = None,
+         dtype: Union[str, torch.dtype, None] = None,
+         draft_model: Union[str, os.PathLike, None] = None,
+         aliases: Sequence[str] = ()) -> LLM:
+    """Load a model by embedded name, local folder or hub id.
+
+    `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
+    float32 on a CPU. `draft_model` must share the tokenizer; it proposes tokens for
+    speculative decoding. `aliases` are extra names requests may use in `model`.
+    """
+    spec = {"name_or_path": os.fspath(name_or_path), "device": device, "dtype": dtype,
+            "draft_model": None if draft_model is None else os.fspath(draft_model),
+            "aliases": list(aliases)}
+    if isinstance(aliases, str):
+        raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    target = load_pretrained(name_or_path, dev, dt)
+    draft = None
+    if draft_model is not None:
+        draft = load_pretrained(draft_model, dev, dt)
+        if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise InvalidRequestError(f"draft model {draft.info.name!r} does not share the "
+                                      f"tokenizer of {target.info.name!r}", "draft_model")
+    return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec)
