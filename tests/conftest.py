@@ -14,18 +14,22 @@ SPECIALS = ["<|endoftext|>", "<think>", "</think>"]
 
 
 def _train_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE shaped like the zoo's: BOS added, <think> tokens special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = inspect.getsource(inspect) + inspect.getsource(Path)
     tok.train_from_iterator(text.splitlines(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>")
+                                   eos_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:])
 
 
 def make_model_dir(folder: Path, kind: str = "llama", vocab_size: int = 300,
@@ -37,7 +41,10 @@ def make_model_dir(folder: Path, kind: str = "llama", vocab_size: int = 300,
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+                  # a wide init gives peaked next-token distributions, closer to a trained
+                  # model's, so truncation knobs (top-p, min-p, ...) have something to cut
+                  initializer_range=0.3)
     if kind == "llama":
         config = LlamaConfig(**common)
     else:
@@ -60,3 +67,15 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def moe_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-mixtral", kind="mixtral")
+
+
+@pytest.fixture(scope="session")
+def llm(llama_dir):
+    import toolkit as tk
+    return tk.load(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def moe_llm(moe_dir):
+    import toolkit as tk
+    return tk.load(moe_dir)

@@ -11,9 +11,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from .completions import Completions
+from .engine.engine import Engine
 from .errors import InvalidRequestError, NotFoundError
 from .models import (DEFAULT_MODEL, LoadedModel, ModelInfo, load_pretrained, resolve_device,
                      resolve_dtype)
+from .request_log import RequestLog
 
 
 class LLM:
@@ -21,13 +24,18 @@ class LLM:
 
     def __init__(self, target: LoadedModel, *, device: torch.device, dtype: torch.dtype,
                  draft: Optional[LoadedModel] = None, aliases: Sequence[str] = (),
-                 spec: Optional[dict[str, Any]] = None) -> None:
+                 spec: Optional[dict[str, Any]] = None,
+                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True) -> None:
         self.target = target
         self.draft = draft
         self.device = device
         self.dtype = dtype
         self.aliases = tuple(aliases)
         self.spec = spec or {}
+        self.engine = Engine(target.model, target.tokenizer, target.info,
+                             prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward)
+        self.request_log = RequestLog()
+        self.completions = Completions(self)
 
     @property
     def name(self) -> str:
@@ -73,16 +81,20 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
          device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None,
          draft_model: Union[str, os.PathLike, None] = None,
-         aliases: Sequence[str] = ()) -> LLM:
+         aliases: Sequence[str] = (), prefix_cache_bytes: int = 256 * 2**20,
+         lean_forward: bool = True) -> LLM:
     """Load a model by embedded name, local folder or hub id.
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
     float32 on a CPU. `draft_model` must share the tokenizer; it proposes tokens for
     speculative decoding. `aliases` are extra names requests may use in `model`.
+    `prefix_cache_bytes` bounds the prompt KV kept for reuse across requests;
+    `lean_forward=False` runs the HF forward even where the lean one applies.
     """
     spec = {"name_or_path": os.fspath(name_or_path), "device": device, "dtype": dtype,
             "draft_model": None if draft_model is None else os.fspath(draft_model),
-            "aliases": list(aliases)}
+            "aliases": list(aliases), "prefix_cache_bytes": prefix_cache_bytes,
+            "lean_forward": lean_forward}
     if isinstance(aliases, str):
         raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
     dev = resolve_device(device)
@@ -94,4 +106,5 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise InvalidRequestError(f"draft model {draft.info.name!r} does not share the "
                                       f"tokenizer of {target.info.name!r}", "draft_model")
-    return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec)
+    return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec,
+               prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward)

@@ -1,0 +1,238 @@
+"""`llm.completions.create`: request -> engine job -> response, or a stream of chunks.
+
+Everything about a request is checked before the engine starts (nothing half-runs): the
+fields by the schema, then what depends on the model (token ids in the vocabulary, the
+context window, features the model has). A stream is validated eagerly too: `create`
+raises at once, and only then hands back the iterator.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Iterator, Union
+
+from .engine.sampler import SamplingParams, row_seed
+from .engine.sequence import Job, Sequence
+from .engine.text import StopStrings
+from .errors import InvalidRequestError
+from .responses import (TokenText, choice_logprobs, content_entries, perf_metrics,
+                        raw_output, usage, wants_content)
+from .schema import Choice, Completion, CompletionChunk, CompletionRequest, validate_request
+
+if TYPE_CHECKING:
+    from .llm import LLM
+
+# Fields with issues of their own; until they land, a clear error rather than a silent no-op.
+_NOT_YET = {
+    "speculation": "speculative decoding (speculation / prediction)",
+    "reasoning_effort": "reasoning_effort",
+    "images": "images (vision-language input)",
+    "activation_layers": "activation_layers",
+}
+
+
+class Completions:
+    """The `/v1/completions` resource of a loaded model."""
+
+    def __init__(self, llm: "LLM") -> None:
+        self._llm = llm
+
+    def create(self, **fields: Any) -> Union[Completion, Iterator[CompletionChunk]]:
+        """Run a completion request; every field of the hosted API is accepted."""
+        started = time.perf_counter()
+        req = validate_request(fields)
+        model = self._llm.resolve_model(req.model)
+        self._check_features(req)
+        job = self._plan(req)
+        tokenized = time.perf_counter()
+        run = _Run(self._llm, req, job, model, started, tokenized)
+        return run.stream() if req.stream else run.complete()
+
+    def _check_features(self, req: CompletionRequest) -> None:
+        info = self._llm.info
+        for name, what in _NOT_YET.items():
+            if getattr(req, name) not in (None, [], False):
+                raise InvalidRequestError(f"{what} is not supported by this engine yet", name)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequestError("response_format other than 'text' is not supported by "
+                                      "this engine yet", "response_format")
+        if req.include_routing_matrix and not info.is_moe:
+            raise InvalidRequestError(f"include_routing_matrix needs a mixture-of-experts "
+                                      f"model; {info.name} is dense", "include_routing_matrix")
+        for flag in ("include_last_activation", "include_routing_matrix"):
+            if getattr(req, flag) and req.logprobs_format == "legacy":
+                raise InvalidRequestError(f"{flag} rides on the new logprobs format: use "
+                                          f"logprobs=true, not an integer", flag)
+        for token in req.logit_bias or {}:
+            if int(token) >= info.vocab_size:
+                raise InvalidRequestError(f"logit_bias token id {token} is outside the "
+                                          f"vocabulary of {info.vocab_size}", "logit_bias")
+
+    def _tokenize(self, req: CompletionRequest) -> list[list[int]]:
+        vocab = self._llm.info.vocab_size
+        prompts = []
+        for p in req.prompts:
+            ids = self._llm.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+            if not ids:
+                raise InvalidRequestError("prompt is empty (and the tokenizer adds no BOS "
+                                          "token)", "prompt")
+            if max(ids) >= vocab:
+                raise InvalidRequestError(f"prompt token id {max(ids)} is outside the "
+                                          f"vocabulary of {vocab}", "prompt")
+            prompts.append(ids)
+        return prompts
+
+    def _plan(self, req: CompletionRequest) -> Job:
+        info = self._llm.info
+        prompts = self._tokenize(req)
+        window = info.context_length
+        max_new = []
+        for ids in prompts:
+            if len(ids) > window:
+                raise InvalidRequestError(f"prompt is {len(ids)} tokens, longer than the "
+                                          f"context window of {window}", "prompt")
+            if len(ids) + req.max_new_tokens > window and \
+                    req.context_length_exceeded_behavior == "error":
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_new_tokens}) "
+                    f"exceeds the context window of {window}", "max_tokens")
+            max_new.append(min(req.max_new_tokens, window - len(ids)))
+        echo = [len(ids) if req.echo else min(req.echo_last or 0, len(ids)) for ids in prompts]
+        params = SamplingParams(
+            temperature=_or(req.temperature, 1.0), top_k=_or(req.top_k, 0),
+            top_p=_or(req.top_p, 1.0), min_p=_or(req.min_p, 0.0),
+            typical_p=_or(req.typical_p, 1.0),
+            frequency_penalty=_or(req.frequency_penalty, 0.0),
+            presence_penalty=_or(req.presence_penalty, 0.0),
+            repetition_penalty=_or(req.repetition_penalty, 1.0),
+            mirostat_target=req.mirostat_target, mirostat_lr=_or(req.mirostat_lr, 0.1),
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(req.n)]
+        return Job(prompts=prompts, n=req.n, params=[params] * len(rows),
+                   seeds=[row_seed(seed, i, j) for i, j in rows], max_new=max_new, echo=echo,
+                   top_n=req.num_top_logprobs,
+                   capture_hidden=req.include_last_activation,
+                   capture_routing=req.include_routing_matrix,
+                   stops=req.stop_sequences, eos_ids=frozenset(info.eos_token_ids),
+                   ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
+                   cache_max_len=req.prompt_cache_max_len)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+class _Run:
+    """One request on the engine, turned into a response or into chunks."""
+
+    def __init__(self, llm: "LLM", req: CompletionRequest, job: Job, model: str,
+                 started: float, tokenized: float) -> None:
+        self.llm, self.req, self.job, self.model = llm, req, job, model
+        self.started, self.tokenized = started, tokenized
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.names = TokenText(llm.engine.pieces)
+        self.concurrent = llm.engine.waiting + 1
+        self.stops = StopStrings(req.stop_sequences)
+        self.seqs: list[Sequence] = []
+        self.opened: set[int] = set()       # rows that have had their first chunk
+
+    def complete(self) -> Completion:
+        status, steps = "cancelled", self.llm.engine.run(self.job)
+        try:
+            for changed in steps:
+                if not self.seqs:
+                    self.seqs = changed
+            status = "completed"
+        finally:
+            steps.close()
+            self._log(status)
+        return Completion(id=self.id, created=self.created, model=self.model,
+                          choices=[self._choice(s) for s in self.seqs],
+                          usage=usage(self.job, self.seqs), perf_metrics=self._perf())
+
+    def stream(self) -> Iterator[CompletionChunk]:
+        status, steps = "cancelled", self.llm.engine.run(self.job)
+        try:
+            for changed in steps:
+                if not self.seqs:   # after the prefill: only echoes and finished rows
+                    self.seqs = changed
+                    changed = [s for s in changed if s.finished or self.job.echo[s.prompt_index]]
+                for s in changed:
+                    yield self._chunk([self._choice_delta(s)])
+            status = "completed"
+            yield self._chunk([], usage=usage(self.job, self.seqs), perf=self._perf())
+        finally:
+            steps.close()
+            self._log(status)
+
+    # ---------------------------------------------------------------- choices and chunks
+
+    def _echo_text(self, s: Sequence) -> str:
+        return self.job.echoes[s.prompt_index].text.text
+
+    def _entries(self, s: Sequence, start: int, end: int, with_echo: bool) -> list:
+        echo = self.job.echoes[s.prompt_index]
+        shift = len(echo.text.text)
+        entries = content_entries(echo, 0, len(echo), 0, self.names, False) if with_echo \
+            else []
+        return entries + content_entries(s.out, start, end, shift, self.names, True)
+
+    def _choice(self, s: Sequence) -> Choice:
+        req, echo = self.req, self.job.echoes[s.prompt_index]
+        entries = self._entries(s, 0, len(s.out), True) if wants_content(req) else None
+        return Choice(
+            index=s.index, text=self._echo_text(s) + s.text, finish_reason=s.finish_reason,
+            logprobs=choice_logprobs(req, entries) if entries is not None and (
+                req.logprobs_format or req.include_last_activation
+                or req.include_routing_matrix) else None,
+            raw_output=raw_output(req, self.job, s, echo, entries) if req.raw_output else None,
+            prompt_token_ids=self.job.prompts[s.prompt_index] if req.return_token_ids
+            else None,
+            token_ids=s.out.ids if req.return_token_ids else None)
+
+    def _choice_delta(self, s: Sequence) -> Choice:
+        """What is new for a row since its last chunk: text that can no longer turn into a
+        stop string, the tokens generated since, and the finish reason once finished."""
+        req, first = self.req, s.index not in self.opened
+        self.opened.add(s.index)
+        text = s.text if s.finished else s.out.text.text
+        upto = len(text) if s.finished else len(text) - self.stops.holdback(text)
+        delta = (self._echo_text(s) if first else "") + text[s.streamed_text:upto]
+        start, end = s.streamed_tokens, len(s.out)
+        s.streamed_text, s.streamed_tokens = max(upto, s.streamed_text), end
+        entries = self._entries(s, start, end, first) if wants_content(req) and (
+            req.logprobs_format or req.include_last_activation
+            or req.include_routing_matrix) else None
+        return Choice(index=s.index, text=delta, finish_reason=s.finish_reason,
+                      logprobs=None if entries is None else choice_logprobs(req, entries),
+                      prompt_token_ids=self.job.prompts[s.prompt_index]
+                      if req.return_token_ids and first else None,
+                      token_ids=s.out.ids[start:end] if req.return_token_ids else None)
+
+    def _chunk(self, choices: list[Choice], usage: Any = None, perf: Any = None
+               ) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model,
+                               choices=choices, usage=usage, perf_metrics=perf)
+
+    def _perf(self) -> Any:
+        if not self.req.perf_metrics_in_response:
+            return None
+        return perf_metrics(self.job, self.model, self.started, self.tokenized,
+                            self.concurrent, self.seqs)
+
+    def _log(self, status: str) -> None:
+        req, job = self.req, self.job
+        timings = perf_metrics(job, self.model, self.started, self.tokenized,
+                               self.concurrent, self.seqs) if "prefill_end" in job.timings \
+            else {}
+        self.llm.request_log.record({
+            "id": self.id, "created": self.created, "model": self.model, "status": status,
+            "user": req.user, "metadata": req.metadata,
+            "params": req.model_dump(exclude_none=True, exclude_defaults=True),
+            "usage": usage(job, self.seqs).model_dump() if self.seqs else None,
+            "finish_reasons": [s.finish_reason for s in self.seqs],
+            "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))},
+        })

@@ -1,0 +1,195 @@
+"""The decode loop: prefill each prompt once, fork its KV to its n choices, then one token
+per row per step until every row has finished.
+
+`Engine.run(job)` is a generator: it yields the rows that changed after each step, so the
+same loop serves whole responses and streams. Everything a request allocates (KV cache,
+sampler state) lives in the generator's frame, so closing it early — or an interrupt —
+leaves nothing behind; only the prefix cache outlives a request, and it only ever holds
+complete prompt blocks.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..models import ModelInfo
+from .prefix_cache import PrefixCache
+from .runner import Forward, make_runner
+from .sampler import Sampler
+from .sequence import Job, Sequence, TokenLog
+from .text import StopStrings, token_bytes_table
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo,
+                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True) -> None:
+        self.info = info
+        self.runner = make_runner(model, info, lean_forward)
+        self.pieces = token_bytes_table(tokenizer)
+        self.device = next(model.parameters()).device
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.lock = threading.Lock()       # one request at a time runs the model
+        self.waiting = 0                   # requests queued or running
+
+    def run(self, job: Job) -> Iterator[list[Sequence]]:
+        """Yield, after the prefill and after each decode step, the rows that changed."""
+        self.waiting += 1
+        try:
+            arrived = time.perf_counter()
+            with self.lock, torch.inference_mode():
+                job.timings["queue"] = time.perf_counter() - arrived
+                yield from self._run(job)
+        finally:
+            self.waiting -= 1
+
+    def _run(self, job: Job) -> Iterator[list[Sequence]]:
+        n, rows = job.n, job.rows
+        seqs = [Sequence(index=r, prompt_index=r // n, choice=r % n,
+                         max_new=job.max_new[r // n]) for r in range(rows)]
+        longest = max(len(p) + m for p, m in zip(job.prompts, job.max_new))
+        state = self.runner.start(rows, min(longest, max(map(len, job.prompts)) + 64))
+        # What scored each row's next token: logits, and the hidden state and routing of
+        # the position that produced them (reported with the token).
+        last: list[Forward] = []
+        logits = []
+        job.timings["prefill_start"] = time.perf_counter()
+        for i, ids in enumerate(job.prompts):
+            fwd, first_logits = self._prefill(job, state, i, ids)
+            self.runner.fork(state, i * n, list(range(i * n + 1, (i + 1) * n)), len(ids))
+            last += [fwd] * n
+            logits += [first_logits] * n
+        logits = torch.stack(logits)
+        hidden = torch.stack([f.hidden for f in last])
+        experts = torch.stack([f.experts for f in last]) if last[0].experts is not None \
+            else None
+        weights = torch.stack([f.weights for f in last]) if experts is not None else None
+        job.timings["prefill_end"] = time.perf_counter()
+
+        for s in seqs:
+            if s.max_new == 0:
+                s.finish_reason = "length"
+        yield seqs
+
+        sampler = Sampler(job.params, [job.prompts[r // n] for r in range(rows)], job.seeds,
+                          logits.shape[-1], self.device)
+        stops = StopStrings(job.stops)
+        positions = torch.tensor([len(job.prompts[r // n]) for r in range(rows)],
+                                 device=self.device)
+        job.timings["decode_start"] = time.perf_counter()
+        while True:
+            active = [s for s in seqs if not s.finished]
+            if not active:
+                break
+            tokens, sampling_lp = sampler.sample(logits)
+            sampler.update(tokens)
+            raw = logits.log_softmax(-1)
+            token_lp = raw.gather(1, tokens[:, None])[:, 0]
+            top = raw.topk(job.top_n, dim=-1) if job.top_n else None
+            host = self._to_host(tokens, token_lp, sampling_lp, top)
+            for s in active:
+                r = s.index
+                self._append(job, s, stops, host, r,
+                             hidden[r] if job.capture_hidden else None,
+                             experts[r] if job.capture_routing and experts is not None
+                             else None,
+                             weights[r] if job.capture_routing and weights is not None
+                             else None)
+            job.timings.setdefault("first_token", time.perf_counter())
+            yield active
+            mask = torch.tensor([not s.finished for s in seqs], device=self.device)
+            if not bool(mask.any()):
+                break
+            fwd = self.runner.decode(state, tokens, positions, mask)
+            positions = positions + mask
+            logits = self.runner.logits(fwd.hidden)
+            hidden, experts, weights = fwd.hidden, fwd.experts, fwd.weights
+        job.timings["end"] = time.perf_counter()
+
+    def _prefill(self, job: Job, state: Any, i: int, ids: list[int]
+                 ) -> tuple[Forward, torch.Tensor]:
+        """Prefill prompt i into its first row; score its echoed tokens. Returns the last
+        position's forward output and logits (which pick the first generated token)."""
+        row, echo_from = i * job.n, len(ids) - job.echo[i]
+        cached = self._reuse_prefix(job, state, row, ids, echo_from)
+        fwd = self.runner.prefill(state, row, ids[cached:], cached)
+        if self.runner.supports_prefix_cache and job.cache_max_len != 0:
+            upto = len(ids) if job.cache_max_len is None else min(len(ids), job.cache_max_len)
+            self.prefix_cache.store(job.cache_key, ids, upto,
+                                    lambda a, b: self.runner.read_kv(state, row, a, b))
+        job.cached_tokens.append(cached)
+        # positions whose logits are needed: those that score echoed tokens, and the last
+        first = max(echo_from - 1, 0) if job.echo[i] else len(ids) - 1
+        logits = self.runner.logits(fwd.hidden[first - cached:])
+        job.echoes.append(self._score_echo(job, ids, echo_from, first, cached, fwd, logits))
+        at = lambda t: None if t is None else t[-1]
+        return Forward(fwd.hidden[-1], at(fwd.experts), at(fwd.weights)), logits[-1]
+
+    def _reuse_prefix(self, job: Job, state: Any, row: int, ids: list[int],
+                      echo_from: int) -> int:
+        """Load the longest cached prefix we may skip: never the last prompt token (its
+        logits pick the first new token) nor a position that scores an echoed token."""
+        if not self.runner.supports_prefix_cache or job.cache_max_len == 0:
+            return 0
+        limit = len(ids) - 1
+        if echo_from < len(ids):
+            limit = min(limit, max(echo_from - 1, 0))
+        if job.cache_max_len is not None:
+            limit = min(limit, job.cache_max_len)
+        cached, kv = self.prefix_cache.lookup(job.cache_key, ids, limit)
+        if cached:
+            self.runner.write_kv(state, row, kv)
+        return cached
+
+    def _score_echo(self, job: Job, ids: list[int], echo_from: int, first: int, cached: int,
+                    fwd: Forward, logits: torch.Tensor) -> TokenLog:
+        """Raw logprobs (and captures) of echoed prompt tokens; position 0 has no context."""
+        log = TokenLog()
+        if echo_from >= len(ids):
+            return log
+        raw = logits.log_softmax(-1)                       # row k scores ids[first + k + 1]
+        for j in range(echo_from, len(ids)):
+            k = j - 1 - first
+            if j == 0:
+                log.add(ids[0], self.pieces[ids[0]], None, None, ([], []))
+                continue
+            top = raw[k].topk(job.top_n) if job.top_n else None
+            log.add(ids[j], self.pieces[ids[j]], raw[k, ids[j]].item(), None,
+                    (top.indices.tolist(), top.values.tolist()) if top else ([], []),
+                    fwd.hidden[j - 1 - cached] if job.capture_hidden else None,
+                    fwd.experts[j - 1 - cached] if job.capture_routing and
+                    fwd.experts is not None else None,
+                    fwd.weights[j - 1 - cached] if job.capture_routing and
+                    fwd.weights is not None else None)
+        return log
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor, token_lp: torch.Tensor, sampling_lp: torch.Tensor,
+                 top: Optional[Any]) -> dict[str, list]:
+        """One transfer per step for everything the host needs to decide and report."""
+        out = {"tokens": tokens.tolist(), "logprob": token_lp.tolist(),
+               "sampling": sampling_lp.tolist(), "top_ids": None, "top_lp": None}
+        if top is not None:
+            out["top_ids"], out["top_lp"] = top.indices.tolist(), top.values.tolist()
+        return out
+
+    def _append(self, job: Job, s: Sequence, stops: StopStrings, host: dict[str, list],
+                r: int, hidden: Optional[torch.Tensor], experts: Optional[torch.Tensor],
+                weights: Optional[torch.Tensor]) -> None:
+        token = host["tokens"][r]
+        if token in job.eos_ids and not job.ignore_eos:
+            s.finish_reason = "stop"        # EOS ends the choice; it is not part of it
+            return
+        before = len(s.out.text.text)
+        top = (host["top_ids"][r], host["top_lp"][r]) if host["top_ids"] else ([], [])
+        s.out.add(token, self.pieces[token], host["logprob"][r], host["sampling"][r], top,
+                  hidden, experts, weights)
+        hit = stops.find(s.out.text.text, before)
+        if hit is not None:
+            s.stop_at, s.finish_reason = hit, "stop"
+        elif len(s.out) >= s.max_new:
+            s.finish_reason = "length"
+        if s.finished:
+            s.out.text.finish()

@@ -1,0 +1,135 @@
+"""Model runners: the forward passes the decode loop calls, behind one small interface.
+
+`LeanRunner` runs the Llama family through `lean.LeanModel` with one preallocated KV cache
+for all rows of a request. `HFRunner` runs any other causal LM through its own HF forward,
+one `DynamicCache` per row: slower, but correct for every architecture transformers knows.
+Both return final-norm hidden states (the activations the API reports, and what the logits
+are computed from) and, for MoE models, the experts each position was routed to.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..models import ModelInfo
+from . import lean
+
+
+@dataclass
+class Forward:
+    """Output of a forward over some positions: hidden [N, H]; routing experts and router
+    weights [N, moe_layers, k] for MoE models."""
+
+    hidden: torch.Tensor
+    experts: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+
+
+class LeanRunner:
+    supports_prefix_cache = True
+
+    def __init__(self, model: Any) -> None:
+        self.lean = lean.LeanModel(model)
+
+    def start(self, rows: int, capacity: int) -> lean.KVCache:
+        return self.lean.new_cache(rows, capacity)
+
+    def prefill(self, cache: lean.KVCache, row: int, ids: list[int], start: int) -> Forward:
+        """Run prompt tokens `ids` at positions start.. for one row."""
+        t = torch.tensor([ids], device=self.lean.device)
+        pos = torch.arange(start, start + len(ids), device=t.device)[None]
+        hidden, route = self.lean.forward(t, pos, cache, slice(row, row + 1))
+        return _forward(hidden[0], route and (route[0][0], route[1][0]))
+
+    def fork(self, cache: lean.KVCache, src: int, dst: list[int], length: int) -> None:
+        cache.copy_row(src, dst, length)
+
+    def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor) -> Forward:
+        """One token per row; every row runs (finished ones too) so the batch stays fixed."""
+        hidden, route = self.lean.forward(tokens[:, None], positions[:, None], cache,
+                                          slice(None))
+        return _forward(hidden[:, 0], route and (route[0][:, 0], route[1][:, 0]))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lean.logits(hidden)
+
+    def read_kv(self, cache: lean.KVCache, row: int, start: int, end: int) -> torch.Tensor:
+        return cache.read(row, start, end)
+
+    def write_kv(self, cache: lean.KVCache, row: int, kv: torch.Tensor) -> None:
+        cache.write(row, 0, kv)
+
+
+class HFRunner:
+    supports_prefix_cache = False
+
+    def __init__(self, model: Any, info: ModelInfo) -> None:
+        self.model = model
+        self.base = getattr(model, model.base_model_prefix)
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.info = info
+        self.device = next(model.parameters()).device
+        # transformers renamed `past_key_values` to `cache` during 5.x; speak either.
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def start(self, rows: int, capacity: int) -> list[Any]:
+        return [None] * rows
+
+    def _run(self, caches: list[Any], row: int, ids: list[int]) -> Forward:
+        from transformers import DynamicCache
+
+        if caches[row] is None:
+            caches[row] = DynamicCache(config=self.model.config)
+        kwargs = {"output_router_logits": True} if self.info.is_moe else {}
+        kwargs[self.cache_arg] = caches[row]
+        out = self.base(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                        **kwargs)
+        hidden = out.last_hidden_state[0]
+        if not self.info.is_moe:
+            return Forward(hidden)
+        probs = torch.stack([r[-len(ids):].float() for r in out.router_logits], 1).softmax(-1)
+        weights, experts = probs.topk(self.info.experts_per_token, dim=-1)
+        if getattr(self.model.config, "norm_topk_prob", True):
+            weights = weights / weights.sum(-1, keepdim=True)
+        return Forward(hidden, experts, weights)
+
+    def prefill(self, caches: list[Any], row: int, ids: list[int], start: int) -> Forward:
+        return self._run(caches, row, ids)
+
+    def fork(self, caches: list[Any], src: int, dst: list[int], length: int) -> None:
+        for d in dst:
+            caches[d] = copy.deepcopy(caches[src])
+
+    def decode(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor) -> Forward:
+        outs = [self._run(caches, r, [t]) if a else None
+                for r, (t, a) in enumerate(zip(tokens.tolist(), active.tolist()))]
+        live = next(o for o in outs if o is not None)
+        fill = lambda get: None if get(live) is None else torch.cat(
+            [get(o) if o is not None else torch.zeros_like(get(live)) for o in outs])
+        return Forward(fill(lambda o: o.hidden), fill(lambda o: o.experts),
+                       fill(lambda o: o.weights))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _forward(hidden: torch.Tensor, route: Optional[tuple]) -> Forward:
+    return Forward(hidden, *(route or (None, None)))
+
+
+def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True) -> Any:
+    """The lean runner where the architecture allows, else the HF forward."""
+    if lean_forward and lean.supports(model):
+        return LeanRunner(model)
+    return HFRunner(model, info)

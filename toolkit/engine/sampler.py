@@ -1,0 +1,220 @@
+"""Sampling: each knob a small step on a [rows, vocab] tensor of logits, with per-row values.
+
+The steps run in the order of the hosted API (DESIGN §3): logit bias, repetition penalty,
+frequency/presence penalties, temperature, then truncation (top-k, top-p, min-p, typical-p,
+or Mirostat v2). Every step has a neutral value (bias 0, penalty 1, top_p 1, ...) that leaves
+a row untouched, so rows with different settings share one batch, and a step no row uses is
+skipped. Each row draws from its own generator, seeded from (seed, prompt, choice), so a
+choice does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One row's knobs, with the hosted API's neutral defaults."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    mirostat_target: Optional[float] = None
+    mirostat_lr: float = 0.1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+def row_seed(seed: int, prompt_index: int, choice: int) -> int:
+    """A 63-bit seed for choice `choice` of prompt `prompt_index`."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ------------------------------------------------------------------ the steps, in order
+
+def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return logits + bias
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: torch.Tensor) -> torch.Tensor:
+    """HF/CTRL semantics over prompt and output: a seen token's logit is divided by the
+    penalty when positive and multiplied by it when negative."""
+    p = penalty.clamp_min(1e-6)[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor,
+                             frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI semantics over the output only: minus count*frequency, minus presence once."""
+    return logits - counts * frequency[:, None] - (counts > 0) * presence[:, None]
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Greedy rows (temperature 0) are left as they are; they take the argmax later."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / t[:, None]
+
+
+def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k highest logits of each row (ties with the k-th kept); k=0 keeps all."""
+    k = torch.where(k > 0, k, torch.full_like(k, logits.shape[-1])).clamp_max(logits.shape[-1])
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    before = probs.cumsum(-1) - probs                 # mass of the tokens ranked above
+    drop_sorted = before >= top_p[:, None]
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop & (top_p[:, None] < 1), NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep tokens at least min_p times as likely as the most likely token."""
+    probs = logits.softmax(-1)
+    threshold = probs.max(-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def typical_filter(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy,
+    until their mass reaches typical_p."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    order = distance.argsort(dim=-1)
+    sorted_probs = probs.gather(1, order)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    drop_sorted = before >= typical_p[:, None]
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop & (typical_p[:, None] < 1), NEG_INF)
+
+
+def mirostat_filter(logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Mirostat v2 truncation: drop tokens whose surprise (-log2 p) exceeds the row's mu
+    (the most likely token always stays). Rows with mu = inf are untouched."""
+    surprise = -logits.log_softmax(-1) / math.log(2)
+    drop = surprise > mu[:, None]
+    drop.scatter_(1, logits.argmax(-1, keepdim=True), False)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+# --------------------------------------------------------------------------- the sampler
+
+class Sampler:
+    """Turns a step's logits into one token per row, tracking the state some knobs need
+    (token counts for penalties, Mirostat's mu)."""
+
+    def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
+                 seeds: Sequence[int], vocab_size: int, device: torch.device) -> None:
+        rows = len(params)
+        vec = lambda name, dtype=torch.float32: torch.tensor(
+            [getattr(p, name) for p in params], dtype=dtype, device=device)
+        self.temperature = vec("temperature")
+        self.greedy = self.temperature == 0
+        self.all_greedy = bool(self.greedy.all())
+        mirostat = [p.mirostat_target is not None for p in params]
+        self.tau = torch.tensor([p.mirostat_target or 0.0 for p in params], device=device)
+        self.lr = vec("mirostat_lr")
+        self.mu = torch.where(torch.tensor(mirostat, device=device), 2 * self.tau,
+                              torch.full((rows,), math.inf, device=device))
+        self.use_mirostat = any(mirostat)
+        # Mirostat replaces the truncation knobs on its rows: neutralise them there.
+        neutral = lambda name, value, dtype=torch.float32: torch.tensor(
+            [value if m else getattr(p, name) for p, m in zip(params, mirostat)], dtype=dtype,
+            device=device)
+        self.top_k = neutral("top_k", 0, torch.long)
+        self.top_p = neutral("top_p", 1.0)
+        self.min_p = neutral("min_p", 0.0)
+        self.typical_p = neutral("typical_p", 1.0)
+        self.repetition = vec("repetition_penalty")
+        self.frequency = vec("frequency_penalty")
+        self.presence = vec("presence_penalty")
+        self.bias = None
+        if any(p.logit_bias for p in params):
+            self.bias = torch.zeros(rows, vocab_size, device=device)
+            for r, p in enumerate(params):
+                for token, value in p.logit_bias.items():
+                    self.bias[r, token] = value
+        self.seen = None
+        if bool((self.repetition != 1).any()):
+            self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+            for r, prompt in enumerate(prompts):
+                self.seen[r, list(prompt)] = True
+        self.counts = None
+        if bool((self.frequency != 0).any() or (self.presence != 0).any()):
+            self.counts = torch.zeros(rows, vocab_size, device=device)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the final sampling distribution (greedy rows: before temperature)."""
+        x = logits.float()
+        if self.bias is not None:
+            x = apply_logit_bias(x, self.bias)
+        if self.seen is not None:
+            x = apply_repetition_penalty(x, self.seen, self.repetition)
+        if self.counts is not None:
+            x = apply_frequency_presence(x, self.counts, self.frequency, self.presence)
+        if self.all_greedy:
+            return x
+        x = apply_temperature(x, self.temperature)
+        if bool((self.top_k > 0).any()):
+            x = top_k_filter(x, self.top_k)
+        if bool((self.top_p < 1).any()):
+            x = top_p_filter(x, self.top_p)
+        if bool((self.min_p > 0).any()):
+            x = min_p_filter(x, self.min_p)
+        if bool((self.typical_p < 1).any()):
+            x = typical_filter(x, self.typical_p)
+        if self.use_mirostat:
+            x = mirostat_filter(x, self.mu)
+        return x
+
+    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [rows] and their log-probabilities under the sampling distribution
+        (0.0 for greedy rows, which the distribution puts all its mass on)."""
+        x = self.process(logits)
+        argmax = x.argmax(-1)
+        if self.all_greedy:
+            return argmax, torch.zeros(len(x), device=x.device)
+        logp = x.log_softmax(-1)
+        u = torch.tensor([torch.rand(1, generator=g).item() for g in self.generators],
+                         device=x.device)
+        cdf = logp.exp().cumsum(-1)
+        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        drawn = drawn.clamp_max(x.shape[-1] - 1)
+        tokens = torch.where(self.greedy, argmax, drawn)
+        sampling_logprob = torch.where(self.greedy, torch.zeros_like(u),
+                                       logp.gather(1, tokens[:, None])[:, 0])
+        if self.use_mirostat:
+            surprise = -sampling_logprob / math.log(2)
+            self.mu = torch.where(torch.isfinite(self.mu),
+                                  self.mu - self.lr * (surprise - self.tau), self.mu)
+        return tokens, sampling_logprob
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record the tokens just emitted, for the penalties of later steps."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
