@@ -129,8 +129,12 @@ def test_zoo_name_resolves_to_package_data():
         assert locate("tiny-code") == ("zoo", str(ZOO_DIR / "tiny-code"))
 
 
-def test_cli_describes_a_model(llama_dir, capsys):
+def test_cli_describes_a_model_and_runs_a_completion(llama_dir, capsys):
     from toolkit.cli import main
-    main([str(llama_dir)])
+    main([str(llama_dir), "--info"])
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "context_length" in out
+    main([str(llama_dir), "--max-tokens", "5"])
+    out = capsys.readouterr().out
+    assert "top alternatives" in out and "finish_reason=length" in out
+    assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 5

@@ -143,6 +143,14 @@ def test_routing_matrix_is_the_routers_choice(moe_llm):
     check_completion(resp)
 
 
+def test_captures_alone_come_back_in_the_new_format(llm):
+    resp = llm.completions.create(prompt=PROMPT, max_tokens=3, include_last_activation=True)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 3 and all(c.last_activation for c in content)
+    assert llm.completions.create(prompt=PROMPT, max_tokens=3, raw_output=True) \
+        .choices[0].raw_output.completion_logprobs is None
+
+
 def test_routing_matrix_needs_a_moe_model(llm):
     with pytest.raises(InvalidRequestError) as info:
         llm.completions.create(prompt="x", include_routing_matrix=True, logprobs=True)

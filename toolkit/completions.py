@@ -185,9 +185,7 @@ class _Run:
         entries = self._entries(s, 0, len(s.out), True) if wants_content(req) else None
         return Choice(
             index=s.index, text=self._echo_text(s) + s.text, finish_reason=s.finish_reason,
-            logprobs=choice_logprobs(req, entries) if entries is not None and (
-                req.logprobs_format or req.include_last_activation
-                or req.include_routing_matrix) else None,
+            logprobs=None if entries is None else choice_logprobs(req, entries),
             raw_output=raw_output(req, self.job, s, echo, entries) if req.raw_output else None,
             prompt_token_ids=self.job.prompts[s.prompt_index] if req.return_token_ids
             else None,
@@ -203,9 +201,7 @@ class _Run:
         delta = (self._echo_text(s) if first else "") + text[s.streamed_text:upto]
         start, end = s.streamed_tokens, len(s.out)
         s.streamed_text, s.streamed_tokens = max(upto, s.streamed_text), end
-        entries = self._entries(s, start, end, first) if wants_content(req) and (
-            req.logprobs_format or req.include_last_activation
-            or req.include_routing_matrix) else None
+        entries = self._entries(s, start, end, first) if wants_content(req) else None
         return Choice(index=s.index, text=delta, finish_reason=s.finish_reason,
                       logprobs=None if entries is None else choice_logprobs(req, entries),
                       prompt_token_ids=self.job.prompts[s.prompt_index]

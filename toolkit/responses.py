@@ -72,9 +72,10 @@ def choice_logprobs(req: CompletionRequest, entries: list[LogprobsContent]) -> A
 
 
 def wants_content(req: CompletionRequest) -> bool:
-    """Per-token entries are built when logprobs, captures or raw output ask for them."""
+    """Per-token entries are built when logprobs or captures ask for them; captures alone
+    come back in the new format, the only one with room for them."""
     return bool(req.logprobs_format or req.include_last_activation
-                or req.include_routing_matrix or req.raw_output)
+                or req.include_routing_matrix)
 
 
 def raw_output(req: CompletionRequest, job: Job, seq: Sequence, echo: TokenLog,

@@ -1,0 +1,79 @@
+"""Decode speed at batch 1 against `transformers` `generate()`, same model, prompt and run.
+
+    python benchmarks/cpu_decode.py [--model tiny-code] [--tokens 128] [--repeats 5]
+
+The engine runs with everything a notebook user turns on (logprobs, top-5 alternatives,
+last activations); `generate()` runs plain greedy decoding, its fastest configuration.
+Both produce exactly `--tokens` new tokens. Prints tokens/s and the ratio; writes JSON to
+benchmarks/results/. DESIGN §8 target on CPU: ratio >= 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import toolkit as tk
+
+PROMPT = 'def parse_header(line):\n    """Split a header line into its name and value."""\n'
+
+
+def best_rate(fn, tokens: int, repeats: int) -> float:
+    fn()                                   # warm-up: allocations, lazy init
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tiny-code")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "cpu_decode.json")
+    args = parser.parse_args()
+
+    llm = tk.load(args.model, device=args.device)
+    ids = torch.tensor([llm.tokenizer(PROMPT)["input_ids"]], device=llm.device)
+
+    def engine() -> None:
+        resp = llm.completions.create(prompt=PROMPT, max_tokens=args.tokens, temperature=0,
+                                      ignore_eos=True, logprobs=True, top_logprobs=5,
+                                      include_last_activation=True)
+        assert resp.usage.completion_tokens == args.tokens
+
+    def generate() -> None:
+        with torch.inference_mode():
+            out = llm.model.generate(ids, max_new_tokens=args.tokens,
+                                     min_new_tokens=args.tokens, do_sample=False,
+                                     pad_token_id=llm.info.eos_token_ids[0])
+        assert out.shape[1] - ids.shape[1] == args.tokens
+
+    engine_rate = best_rate(engine, args.tokens, args.repeats)
+    generate_rate = best_rate(generate, args.tokens, args.repeats)
+    result = {
+        "model": llm.name, "parameters": llm.info.num_parameters,
+        "runner": type(llm.engine.runner).__name__, "device": str(llm.device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "new_tokens": args.tokens,
+        "engine_tokens_per_s": round(engine_rate, 1),
+        "generate_tokens_per_s": round(generate_rate, 1),
+        "ratio": round(engine_rate / generate_rate, 2),
+    }
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The lean forward against the HF forward it replaces, for each architecture it claims."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
+                          Qwen2Config)
+
+from toolkit.engine.lean import LeanModel, supports
+
+COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.2)
+CONFIGS = {
+    "llama": LlamaConfig(**COMMON),
+    "llama3-rope": LlamaConfig(**COMMON, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": MistralConfig(**COMMON, sliding_window=None, head_dim=16),
+    "qwen2": Qwen2Config(**COMMON),
+    "mixtral": MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_lean_matches_hf_for_prefill_and_ragged_decode(name):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()
+    assert supports(model)
+    lean = LeanModel(model)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits[0]
+        cache = lean.new_cache(rows=3, capacity=4)               # grows as needed
+        hidden, _ = lean.forward(ids, torch.arange(12)[None], cache, slice(0, 1))
+        assert torch.allclose(lean.logits(hidden[0]), ref, atol=1e-4)
+        # rows at different lengths decode side by side
+        cache = lean.new_cache(rows=3, capacity=4)
+        lean.forward(ids[:, :8], torch.arange(8)[None], cache, slice(0, 1))
+        cache.copy_row(0, [1], 8)
+        lean.forward(ids[:, :5], torch.arange(5)[None], cache, slice(2, 3))
+        pos = torch.tensor([8, 8, 5])
+        for t in range(4):
+            tokens = torch.stack([ids[0, 8 + t], ids[0, 8 + t], ids[0, 5 + t]])
+            hidden, _ = lean.forward(tokens[:, None], (pos + t)[:, None], cache, slice(None))
+            logits = lean.logits(hidden[:, 0])
+            assert torch.allclose(logits[0], ref[8 + t], atol=1e-4)
+            assert torch.allclose(logits[1], ref[8 + t], atol=1e-4)
+            assert torch.allclose(logits[2], ref[5 + t], atol=1e-4)
+
+
+def test_unsupported_shapes_fall_back_to_hf():
+    windowed = MistralConfig(**COMMON, sliding_window=8)
+    assert not supports(AutoModelForCausalLM.from_config(windowed))
+    from transformers import GPT2Config
+    assert not supports(AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)))
+
+
+def test_gpt2_runs_through_the_hf_runner(tmp_path, llama_dir):
+    """Any other architecture is served by its own HF forward, with the same API."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    import toolkit as tk
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                        n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    llm = tk.load(tmp_path / "gpt2")
+    assert type(llm.engine.runner).__name__ == "HFRunner"
+    resp = llm.completions.create(prompt="def f():", max_tokens=5, logprobs=True, seed=0,
+                                  include_last_activation=True, echo=True, raw_output=True)
+    ids = resp.choices[0].raw_output.completion_token_ids
+    with torch.no_grad():
+        ref = llm.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    for pos, entry in enumerate(resp.choices[0].logprobs.content[1:], start=1):
+        assert entry.logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)

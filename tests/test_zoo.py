@@ -1,0 +1,115 @@
+"""The embedded models: present, offline, small, and as good as their cards say.
+
+Each figure is recomputed here on a slice of the held-out stdlib test suite and held to the
+thresholds the zoo promises (DESIGN §6): tiny-code's perplexity at most a fifth of a unigram
+model's, the draft agreeing with tiny-code on at least half the next tokens, no dead expert.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import toolkit as tk
+from toolkit.models import ZOO_DIR, ZOO_NAMES
+from toolkit.models import evaluate as ev
+
+pytestmark = pytest.mark.skipif(not (ZOO_DIR / "tiny-code" / "config.json").exists(),
+                                reason="zoo weights not present")
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return {name: tk.load(name) for name in ZOO_NAMES}
+
+
+@pytest.fixture(scope="module")
+def heldout(zoo):
+    files = ev.heldout_files(every=40, offset=7)      # not the slice the cards were made on
+    if not files:
+        pytest.skip("this Python ships no test suite to hold out")
+    return ev.encode_documents(zoo["tiny-code"].tokenizer,
+                               [f.read_text(encoding="utf-8") for f in files],
+                               max_tokens=12_000)
+
+
+def test_default_model_is_tiny_code():
+    assert tk.load().name == "tiny-code"
+
+
+def test_shapes_and_shared_tokenizer(zoo):
+    dense, moe, draft = zoo["tiny-code"].info, zoo["tiny-code-moe"].info, \
+        zoo["tiny-code-draft"].info
+    assert dense.architecture == "LlamaForCausalLM" and dense.context_length == 1024
+    assert 5e6 <= dense.num_parameters <= 12e6
+    assert moe.architecture == "MixtralForCausalLM"
+    assert (moe.num_experts, moe.experts_per_token) == (8, 2)
+    assert draft.num_parameters <= dense.num_parameters / 5
+    vocab = zoo["tiny-code"].tokenizer.get_vocab()
+    for llm in zoo.values():
+        assert llm.tokenizer.get_vocab() == vocab
+        assert llm.info.think_token_ids == (vocab["<think>"], vocab["</think>"])
+        assert llm.info.eos_token_ids == (vocab["<|endoftext|>"],)
+        assert llm.tokenizer("x")["input_ids"][0] == llm.info.bos_token_id
+
+
+def test_zoo_fits_in_32_mb():
+    size = sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file())
+    assert size < 32 * 2**20
+
+
+def test_tiny_code_perplexity_is_under_a_fifth_of_unigram(zoo, heldout):
+    ppl = ev.perplexity(zoo["tiny-code"].model, heldout)
+    assert ppl <= 0.2 * ev.unigram_perplexity(heldout)
+
+
+def test_draft_agrees_with_tiny_code(zoo, heldout):
+    agreement = ev.greedy_agreement(zoo["tiny-code-draft"].model, zoo["tiny-code"].model,
+                                    heldout)
+    assert agreement >= 0.5
+
+
+def test_moe_has_no_dead_experts(zoo, heldout):
+    usage = ev.expert_usage(zoo["tiny-code-moe"].model, heldout)
+    assert usage.shape == (4, 8)
+    assert (usage > 0).all()
+
+
+def test_tiny_code_writes_python(zoo):
+    resp = zoo["tiny-code"].completions.create(
+        prompt='def read_lines(path):\n    """Return the lines of a text file."""\n',
+        max_tokens=40, temperature=0)
+    text = resp.choices[0].text
+    assert "\ufffd" not in text
+    assert any(word in text for word in ("return", "with ", "open(", "for ", " = "))
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_cards_carry_their_figures(name, zoo):
+    card = json.loads((ZOO_DIR / name / "card.json").read_text())
+    readme = (ZOO_DIR / name / "README.md").read_text()
+    assert card["parameters"] == zoo[name].info.num_parameters
+    figures = card["figures"]
+    assert str(figures["heldout_perplexity"]) in readme
+    assert card["training"]["hardware"] in readme and card["training"]["tokens"] > 0
+    assert figures["samples"] and figures["heldout_tokens"] > 0
+    if name == "tiny-code":
+        assert figures["perplexity_ratio"] <= 0.2
+    if name == "tiny-code-draft":
+        assert figures["greedy_agreement_with_tiny_code"] >= 0.5
+    if name == "tiny-code-moe":
+        assert min(min(row) for row in figures["expert_usage"]) > 0
+
+
+def test_wheel_carries_the_zoo(tmp_path):
+    root = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("toolkit-*.whl"))).namelist()
+    for model in ZOO_NAMES:
+        for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+            assert f"toolkit/models/zoo/{model}/{file}" in names
