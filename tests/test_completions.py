@@ -271,3 +271,22 @@ def test_request_log_keeps_metadata_and_exports(llm, tmp_path):
     llm.request_log.to_jsonl(path)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["metadata"] == {"experiment": "e1"} and lines[1]["status"] == "completed"
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"logprobs": True, "top_logprobs": 5, "echo": True, "raw_output": True},
+    {"logprobs": 3, "echo": True, "n": 2, "return_token_ids": True},
+    {"logprobs": 0, "echo_last": 2, "raw_output": True, "perf_metrics_in_response": True},
+    {"include_last_activation": True, "raw_output": True, "return_token_ids": True},
+    {"prompt": ["a", "b"], "n": 2, "stop": ["\n"], "logprobs": True, "user": "u",
+     "metadata": {"k": "v"}},
+    {"max_tokens": 0, "echo": True, "logprobs": True, "top_logprobs": 2},
+])
+def test_every_response_shape_parses_with_the_sdks(llm, moe_llm, kw):
+    kw = {"prompt": PROMPT, "max_tokens": 4, "seed": 0, **kw}
+    check_completion(llm.completions.create(**kw))
+    for chunk in llm.completions.create(stream=True, **kw):
+        check_chunk(chunk)
+    moe = {**kw, "include_routing_matrix": True} if kw.get("logprobs") in (True, None) else kw
+    check_completion(moe_llm.completions.create(**moe))
