@@ -62,10 +62,9 @@ class Engine:
             last += [fwd] * n
             logits += [first_logits] * n
         logits = torch.stack(logits)
-        hidden = torch.stack([f.hidden for f in last])
-        experts = torch.stack([f.experts for f in last]) if last[0].experts is not None \
-            else None
-        weights = torch.stack([f.weights for f in last]) if experts is not None else None
+        scored = Forward(*(None if getattr(last[0], f) is None else
+                           torch.stack([getattr(x, f) for x in last])
+                           for f in ("hidden", "experts", "weights")))
         job.timings["prefill_end"] = time.perf_counter()
 
         for s in seqs:
@@ -90,13 +89,7 @@ class Engine:
             top = raw.topk(job.top_n, dim=-1) if job.top_n else None
             host = self._to_host(tokens, token_lp, sampling_lp, top)
             for s in active:
-                r = s.index
-                self._append(job, s, stops, host, r,
-                             hidden[r] if job.capture_hidden else None,
-                             experts[r] if job.capture_routing and experts is not None
-                             else None,
-                             weights[r] if job.capture_routing and weights is not None
-                             else None)
+                self._append(job, s, stops, host, _captured(job, scored, s.index))
             job.timings.setdefault("first_token", time.perf_counter())
             yield active
             mask = torch.tensor([not s.finished for s in seqs], device=self.device)
@@ -105,7 +98,7 @@ class Engine:
             fwd = self.runner.decode(state, tokens, positions, mask)
             positions = positions + mask
             logits = self.runner.logits(fwd.hidden)
-            hidden, experts, weights = fwd.hidden, fwd.experts, fwd.weights
+            scored = fwd
         job.timings["end"] = time.perf_counter()
 
     def _prefill(self, job: Job, state: Any, i: int, ids: list[int]
@@ -158,11 +151,7 @@ class Engine:
             top = raw[k].topk(job.top_n) if job.top_n else None
             log.add(ids[j], self.pieces[ids[j]], raw[k, ids[j]].item(), None,
                     (top.indices.tolist(), top.values.tolist()) if top else ([], []),
-                    fwd.hidden[j - 1 - cached] if job.capture_hidden else None,
-                    fwd.experts[j - 1 - cached] if job.capture_routing and
-                    fwd.experts is not None else None,
-                    fwd.weights[j - 1 - cached] if job.capture_routing and
-                    fwd.weights is not None else None)
+                    *_captured(job, fwd, j - 1 - cached))
         return log
 
     @staticmethod
@@ -176,8 +165,8 @@ class Engine:
         return out
 
     def _append(self, job: Job, s: Sequence, stops: StopStrings, host: dict[str, list],
-                r: int, hidden: Optional[torch.Tensor], experts: Optional[torch.Tensor],
-                weights: Optional[torch.Tensor]) -> None:
+                captured: tuple) -> None:
+        r = s.index
         token = host["tokens"][r]
         if token in job.eos_ids and not job.ignore_eos:
             s.finish_reason = "stop"        # EOS ends the choice; it is not part of it
@@ -185,7 +174,7 @@ class Engine:
         before = len(s.out.text.text)
         top = (host["top_ids"][r], host["top_lp"][r]) if host["top_ids"] else ([], [])
         s.out.add(token, self.pieces[token], host["logprob"][r], host["sampling"][r], top,
-                  hidden, experts, weights)
+                  *captured)
         hit = stops.find(s.out.text.text, before)
         if hit is not None:
             s.stop_at, s.finish_reason = hit, "stop"
@@ -193,3 +182,11 @@ class Engine:
             s.finish_reason = "length"
         if s.finished:
             s.out.text.finish()
+
+
+def _captured(job: Job, fwd: Forward, i: int) -> tuple[Optional[torch.Tensor], ...]:
+    """(hidden, experts, router weights) at index i of a forward, where the job asks."""
+    hidden = fwd.hidden[i] if job.capture_hidden else None
+    if not job.capture_routing or fwd.experts is None:
+        return hidden, None, None
+    return hidden, fwd.experts[i], fwd.weights[i]
