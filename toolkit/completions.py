@@ -16,8 +16,8 @@ from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job, Sequence
 from .engine.text import StopStrings
 from .errors import InvalidRequestError
-from .responses import (TokenText, choice_logprobs, content_entries, perf_metrics,
-                        raw_output, usage, wants_content)
+from .responses import (ChoiceDetails, TokenText, choice_logprobs, content_entries, details,
+                        perf_metrics, raw_output, usage, wants_content)
 from .schema import Choice, Completion, CompletionChunk, CompletionRequest, validate_request
 
 if TYPE_CHECKING:
@@ -149,9 +149,11 @@ class _Run:
         finally:
             steps.close()
             self._log(status)
-        return Completion(id=self.id, created=self.created, model=self.model,
+        resp = Completion(id=self.id, created=self.created, model=self.model,
                           choices=[self._choice(s) for s in self.seqs],
                           usage=usage(self.job, self.seqs), perf_metrics=self._perf())
+        resp._details = {s.index: self._details(s, 0, len(s.out), True) for s in self.seqs}
+        return resp
 
     def stream(self) -> Iterator[CompletionChunk]:
         status, steps = "cancelled", self.llm.engine.run(self.job)
@@ -161,7 +163,10 @@ class _Run:
                     self.seqs = changed
                     changed = [s for s in changed if s.finished or self.job.echo[s.prompt_index]]
                 for s in changed:
-                    yield self._chunk([self._choice_delta(s)])
+                    first, start = s.index not in self.opened, s.streamed_tokens
+                    chunk = self._chunk([self._choice_delta(s)])
+                    chunk._details = {s.index: self._details(s, start, len(s.out), first)}
+                    yield chunk
             status = "completed"
             yield self._chunk([], usage=usage(self.job, self.seqs), perf=self._perf())
         finally:
@@ -179,6 +184,12 @@ class _Run:
         entries = content_entries(echo, 0, len(echo), 0, self.names, False) if with_echo \
             else []
         return entries + content_entries(s.out, start, end, shift, self.names, True)
+
+    def _details(self, s: Sequence, start: int, end: int, with_echo: bool) -> ChoiceDetails:
+        echo, prompt = self.job.echoes[s.prompt_index], self.job.prompts[s.prompt_index]
+        logs = ([(echo, 0, len(echo))] if with_echo else []) + [(s.out, start, end)]
+        first = len(prompt) - len(echo) if with_echo else len(prompt) + start
+        return details(s.prompt_index, len(prompt), logs, first)
 
     def _choice(self, s: Sequence) -> Choice:
         req, echo = self.req, self.job.echoes[s.prompt_index]

@@ -6,6 +6,7 @@ Pure functions over the engine's `TokenLog`s, shared by whole responses and stre
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .captures import encode_activation, encode_routing
@@ -28,6 +29,30 @@ class TokenText:
             return piece.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
+
+@dataclass
+class ChoiceDetails:
+    """What the frames know of a choice's tokens beyond the wire: where they sit in the
+    sequence the model saw, each token's rank and the entropy of its distribution, and the
+    router weights of its routing matrix."""
+
+    prompt_index: int
+    prompt_tokens: int                 # length of the prompt the model saw
+    start: int                         # position of the first token in the content
+    ranks: list[Optional[int]]
+    entropies: list[Optional[float]]
+    router_weights: list[Optional[list[list[float]]]]
+
+
+def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, int, int]],
+            start: int) -> ChoiceDetails:
+    """Details of the tokens [a, b) of each log, in order."""
+    weights = lambda w: None if w is None else w.tolist()
+    return ChoiceDetails(prompt_index, prompt_tokens, start,
+                         [r for log, a, b in logs for r in log.ranks[a:b]],
+                         [e for log, a, b in logs for e in log.entropies[a:b]],
+                         [weights(w) for log, a, b in logs for w in log.weights[a:b]])
 
 
 def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_serializer, model_validator)
 
 from .errors import InvalidRequestError
 
@@ -268,6 +268,13 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _WithDetails(_Response):
+    # Per-token numbers the wire has no room for (rank, entropy, router weights, prompt
+    # positions), kept beside a local response for the frames by choice index; never
+    # dumped, so the wire JSON stays the hosted API's. Frames work without them.
+    _details: dict[int, Any] = PrivateAttr(default_factory=dict)
+
+
 class TopLogprob(_Response):
     token: str
     logprob: float
@@ -347,8 +354,9 @@ class Usage(_Response):
 PerfMetrics = dict[str, Union[int, float, str]]
 
 
-class Completion(_Response):
-    """The response of a non-streaming request."""
+class Completion(_WithDetails):
+    """The response of a non-streaming request. The frame helpers of `toolkit.frames` are
+    methods too: `resp.tokens()`, `resp.top_logprobs()`, ..."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -359,7 +367,7 @@ class Completion(_Response):
     perf_metrics: Optional[PerfMetrics] = None
 
 
-class CompletionChunk(_Response):
+class CompletionChunk(_WithDetails):
     """One server-sent event of a streaming request; `choices` hold only new text."""
 
     id: str
@@ -369,3 +377,16 @@ class CompletionChunk(_Response):
     choices: list[Choice]
     usage: Optional[Usage] = None
     perf_metrics: Optional[PerfMetrics] = None
+
+
+def _frame_method(name: str) -> Any:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from . import frames
+        return getattr(frames, name)(self, *args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = f"`toolkit.frames.{name}` of this response."
+    return method
+
+
+for _name in ("tokens", "top_logprobs", "activations", "routing", "perf", "choices"):
+    setattr(Completion, _name, _frame_method(_name))

@@ -84,10 +84,7 @@ class Engine:
                 break
             tokens, sampling_lp = sampler.sample(logits)
             sampler.update(tokens)
-            raw = logits.log_softmax(-1)
-            token_lp = raw.gather(1, tokens[:, None])[:, 0]
-            top = raw.topk(job.top_n, dim=-1) if job.top_n else None
-            host = self._to_host(tokens, token_lp, sampling_lp, top)
+            host = self._to_host(logits.log_softmax(-1), tokens, sampling_lp, job.top_n)
             for s in active:
                 self._append(job, s, stops, host, _captured(job, scored, s.index))
             job.timings.setdefault("first_token", time.perf_counter())
@@ -142,27 +139,34 @@ class Engine:
         log = TokenLog()
         if echo_from >= len(ids):
             return log
-        raw = logits.log_softmax(-1)                       # row k scores ids[first + k + 1]
-        for j in range(echo_from, len(ids)):
-            k = j - 1 - first
-            if j == 0:
-                log.add(ids[0], self.pieces[ids[0]], None, None, ([], []))
-                continue
-            top = raw[k].topk(job.top_n) if job.top_n else None
-            log.add(ids[j], self.pieces[ids[j]], raw[k, ids[j]].item(), None,
-                    (top.indices.tolist(), top.values.tolist()) if top else ([], []),
-                    *_captured(job, fwd, j - 1 - cached))
+        if echo_from == 0:
+            log.add(ids[0], self.pieces[ids[0]], None, None, ([], []))
+        scored = range(max(echo_from, 1), len(ids))
+        if scored:
+            # row k of `logits` scores ids[first + k + 1]
+            raw = logits[[j - 1 - first for j in scored]].log_softmax(-1)
+            host = self._to_host(raw, torch.tensor(ids[scored.start:], device=raw.device),
+                                 None, job.top_n)
+            for k, j in enumerate(scored):
+                log.add(ids[j], self.pieces[ids[j]], host["logprob"][k], None,
+                        (host["top_ids"][k], host["top_lp"][k]), host["rank"][k],
+                        host["entropy"][k], *_captured(job, fwd, j - 1 - cached))
         return log
 
     @staticmethod
-    def _to_host(tokens: torch.Tensor, token_lp: torch.Tensor, sampling_lp: torch.Tensor,
-                 top: Optional[Any]) -> dict[str, list]:
-        """One transfer per step for everything the host needs to decide and report."""
-        out = {"tokens": tokens.tolist(), "logprob": token_lp.tolist(),
-               "sampling": sampling_lp.tolist(), "top_ids": None, "top_lp": None}
-        if top is not None:
-            out["top_ids"], out["top_lp"] = top.indices.tolist(), top.values.tolist()
-        return out
+    def _to_host(raw: torch.Tensor, tokens: torch.Tensor, sampling_lp: Optional[torch.Tensor],
+                 top_n: int) -> dict[str, list]:
+        """Score `tokens` under raw log-probs [rows, vocab] (logprob, rank, entropy of the
+        distribution, top alternatives) and bring it all to the host in one go."""
+        token_lp = raw.gather(1, tokens[:, None])[:, 0]
+        top = raw.topk(top_n, dim=-1) if top_n else None
+        empty = [[] for _ in range(len(tokens))]
+        return {"tokens": tokens.tolist(), "logprob": token_lp.tolist(),
+                "sampling": None if sampling_lp is None else sampling_lp.tolist(),
+                "rank": ((raw > token_lp[:, None]).sum(-1) + 1).tolist(),
+                "entropy": (-(raw.exp() * raw).sum(-1)).tolist(),
+                "top_ids": top.indices.tolist() if top is not None else empty,
+                "top_lp": top.values.tolist() if top is not None else empty}
 
     def _append(self, job: Job, s: Sequence, stops: StopStrings, host: dict[str, list],
                 captured: tuple) -> None:
@@ -172,9 +176,9 @@ class Engine:
             s.finish_reason = "stop"        # EOS ends the choice; it is not part of it
             return
         before = len(s.out.text.text)
-        top = (host["top_ids"][r], host["top_lp"][r]) if host["top_ids"] else ([], [])
-        s.out.add(token, self.pieces[token], host["logprob"][r], host["sampling"][r], top,
-                  *captured)
+        s.out.add(token, self.pieces[token], host["logprob"][r], host["sampling"][r],
+                  (host["top_ids"][r], host["top_lp"][r]), host["rank"][r],
+                  host["entropy"][r], *captured)
         hit = stops.find(s.out.text.text, before)
         if hit is not None:
             s.stop_at, s.finish_reason = hit, "stop"

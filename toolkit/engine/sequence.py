@@ -51,6 +51,8 @@ class TokenLog:
     sampling_logprobs: list[Optional[float]] = field(default_factory=list)
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
+    ranks: list[Optional[int]] = field(default_factory=list)         # 1 = most likely
+    entropies: list[Optional[float]] = field(default_factory=list)   # of the raw distribution
     offsets: list[int] = field(default_factory=list)
     pieces: list[bytes] = field(default_factory=list)
     hidden: list[Optional[torch.Tensor]] = field(default_factory=list)
@@ -60,6 +62,7 @@ class TokenLog:
 
     def add(self, token: int, piece: bytes, logprob: Optional[float],
             sampling_logprob: Optional[float], top: tuple[list[int], list[float]],
+            rank: Optional[int] = None, entropy: Optional[float] = None,
             hidden: Optional[torch.Tensor] = None, experts: Optional[torch.Tensor] = None,
             weights: Optional[torch.Tensor] = None) -> None:
         self.ids.append(token)
@@ -69,6 +72,8 @@ class TokenLog:
         self.sampling_logprobs.append(sampling_logprob)
         self.top_ids.append(top[0])
         self.top_logprobs.append(top[1])
+        self.ranks.append(rank)
+        self.entropies.append(entropy)
         self.hidden.append(hidden)
         self.experts.append(experts)
         self.weights.append(weights)

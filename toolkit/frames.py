@@ -1,0 +1,229 @@
+"""Responses to tidy DataFrames. Pure functions of a response, of the list of chunks a stream
+produced, or of JSON parsed back into a response; no model access.
+
+Everything on the wire lands in a frame. A response made in-process also carries details
+the wire has no room for (each token's rank and the entropy of its distribution, the router
+weights, prompt positions); from a response without them (one parsed from JSON) the frames
+take what the wire gives: ranks from the top alternatives where the token is among them,
+NaN elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from .captures import decode_activation, decode_routing
+from .schema import Completion, CompletionChunk, LegacyLogprobs, LogprobsContent
+
+Response = Union[Completion, Sequence[CompletionChunk]]
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class _Choice:
+    """One choice, merged across chunks: its entries in the new format and its details."""
+
+    index: int
+    text: str = ""
+    finish_reason: Optional[str] = None
+    entries: list[LogprobsContent] = field(default_factory=list)
+    details: Any = None
+    ranks: list[Optional[int]] = field(default_factory=list)
+    entropies: list[Optional[float]] = field(default_factory=list)
+    router_weights: list[Any] = field(default_factory=list)
+
+
+def _entries(logprobs: Any) -> list[LogprobsContent]:
+    """New-format entries; legacy logprobs are read into the same shape."""
+    if logprobs is None:
+        return []
+    if not isinstance(logprobs, LegacyLogprobs):
+        return list(logprobs.content)
+    out = []
+    for k, token in enumerate(logprobs.tokens):
+        top = (logprobs.top_logprobs or [None] * len(logprobs.tokens))[k] or {}
+        out.append(LogprobsContent(
+            token=token, bytes=list(token.encode()), token_id=logprobs.token_ids[k],
+            text_offset=logprobs.text_offset[k], logprob=logprobs.token_logprobs[k],
+            top_logprobs=[{"token": t, "logprob": lp, "token_id": -1}
+                          for t, lp in sorted(top.items(), key=lambda kv: -kv[1])]))
+    return out
+
+
+def _choices(resp: Response) -> list[_Choice]:
+    chunks = [resp] if isinstance(resp, Completion) else list(resp)
+    merged: dict[int, _Choice] = {}
+    for chunk in chunks:
+        extra = getattr(chunk, "_details", {}) or {}
+        for c in chunk.choices:
+            m = merged.setdefault(c.index, _Choice(c.index))
+            m.text += c.text
+            m.finish_reason = c.finish_reason or m.finish_reason
+            m.entries += _entries(c.logprobs)
+            d = extra.get(c.index)
+            if d is not None:
+                m.details = m.details or d
+                m.ranks += d.ranks
+                m.entropies += d.entropies
+                m.router_weights += d.router_weights
+    return [merged[i] for i in sorted(merged)]
+
+
+def _segments(c: _Choice, positions: list[int]) -> list[str]:
+    """prompt (echoed), reasoning (a <think> block, tags included), completion."""
+    prompt_len = c.details.prompt_tokens if c.details else None
+    # without details: echoed tokens are the new-format entries with no sampling logprob
+    sampled = any(e.sampling_logprob is not None for e in c.entries)
+    out, thinking = [], False
+    for e, pos in zip(c.entries, positions):
+        if pos < prompt_len if prompt_len is not None else sampled and \
+                e.sampling_logprob is None:
+            out.append("prompt")
+            continue
+        if e.token == THINK_OPEN:
+            thinking = True
+        out.append("reasoning" if thinking else "completion")
+        if e.token == THINK_CLOSE:
+            thinking = False
+    return out
+
+
+def _rank(c: _Choice, k: int) -> Optional[int]:
+    if k < len(c.ranks) and c.ranks[k] is not None:
+        return c.ranks[k]
+    e = c.entries[k]
+    for r, alt in enumerate(e.top_logprobs or [], start=1):
+        if alt.token == e.token:
+            return r
+    return None
+
+
+def tokens(resp: Response) -> pd.DataFrame:
+    """One row per (choice, position) of every token with logprobs."""
+    rows = []
+    for c in _choices(resp):
+        start = c.details.start if c.details else 0
+        positions = [start + k for k in range(len(c.entries))]
+        for k, (e, pos, seg) in enumerate(zip(c.entries, positions, _segments(c, positions))):
+            rows.append({
+                "choice": c.index, "prompt_index": c.details.prompt_index if c.details else 0,
+                "position": pos, "segment": seg, "token": e.token, "token_id": e.token_id,
+                "text_offset": e.text_offset, "logprob": e.logprob,
+                "sampling_logprob": e.sampling_logprob, "rank": _rank(c, k),
+                "entropy": c.entropies[k] if k < len(c.entropies) else None,
+                "speculated": False, "finish_reason": c.finish_reason})
+    frame = pd.DataFrame(rows, columns=[
+        "choice", "prompt_index", "position", "segment", "token", "token_id", "text_offset",
+        "logprob", "sampling_logprob", "rank", "entropy", "speculated", "finish_reason"])
+    return frame.astype({"choice": "int64", "prompt_index": "int64", "position": "int64",
+                         "segment": pd.CategoricalDtype(["prompt", "reasoning", "completion"]),
+                         "token": "object", "token_id": "int64", "text_offset": "int64",
+                         "logprob": "float64", "sampling_logprob": "float64",
+                         "rank": "Int64", "entropy": "float64", "speculated": "bool",
+                         "finish_reason": "object"})
+
+
+def top_logprobs(resp: Response) -> pd.DataFrame:
+    """Long format: one row per (choice, position, rank) alternative."""
+    rows = []
+    for c in _choices(resp):
+        start = c.details.start if c.details else 0
+        for k, e in enumerate(c.entries):
+            for r, alt in enumerate(e.top_logprobs or [], start=1):
+                rows.append({"choice": c.index, "position": start + k, "rank": r,
+                             "token": alt.token,
+                             "token_id": alt.token_id if alt.token_id >= 0 else None,
+                             "logprob": alt.logprob})
+    frame = pd.DataFrame(rows, columns=["choice", "position", "rank", "token", "token_id",
+                                        "logprob"])
+    return frame.astype({"choice": "int64", "position": "int64", "rank": "int64",
+                         "token": "object", "token_id": "Int64", "logprob": "float64"})
+
+
+def activation_matrix(resp: Response) -> tuple[pd.MultiIndex, np.ndarray]:
+    """The last activations as one float32 matrix [tokens, hidden] with its (choice,
+    position) index; tokens without one (the first prompt token) are left out."""
+    index, vectors = [], []
+    for c in _choices(resp):
+        start = c.details.start if c.details else 0
+        for k, e in enumerate(c.entries):
+            if e.last_activation is not None:
+                index.append((c.index, start + k))
+                vectors.append(decode_activation(e.last_activation))
+    matrix = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+    return pd.MultiIndex.from_tuples(index, names=["choice", "position"]), matrix
+
+
+def activations(resp: Response) -> pd.DataFrame:
+    """(choice, position) index, one float32 column per hidden unit."""
+    index, matrix = activation_matrix(resp)
+    return pd.DataFrame(matrix, index=index, copy=False)
+
+
+def routing(resp: Response, experts_per_token: Optional[int] = None) -> pd.DataFrame:
+    """One row per (choice, position, layer, k): the expert chosen and its router weight
+    (NaN where the response carries no weights). `experts_per_token` is needed only for a
+    response without details."""
+    rows = []
+    for c in _choices(resp):
+        start = c.details.start if c.details else 0
+        for idx, e in enumerate(c.entries):
+            if e.routing_matrix is None:
+                continue
+            weights = c.router_weights[idx] if idx < len(c.router_weights) else None
+            k = experts_per_token or (len(weights[0]) if weights else None)
+            if k is None:
+                raise ValueError("routing(): pass experts_per_token for a response parsed "
+                                 "from JSON")
+            matrix = decode_routing(e.routing_matrix, k)
+            for layer, row in enumerate(matrix):
+                for slot, expert in enumerate(row):
+                    rows.append({"choice": c.index, "position": start + idx, "layer": layer,
+                                 "k": slot, "expert": int(expert),
+                                 "weight": weights[layer][slot] if weights else math.nan})
+    frame = pd.DataFrame(rows, columns=["choice", "position", "layer", "k", "expert",
+                                        "weight"])
+    return frame.astype({"choice": "int64", "position": "int64", "layer": "int64",
+                         "k": "int64", "expert": "int64", "weight": "float64"})
+
+
+def choices(resp: Response) -> pd.DataFrame:
+    """One row per choice: text, finish reason, completion token count, summed logprob
+    and perplexity of the completion tokens (echoed prompt tokens excluded)."""
+    rows = []
+    tok = tokens(resp)
+    for c in _choices(resp):
+        done = tok[(tok.choice == c.index) & (tok.segment != "prompt")]
+        total = float(done.logprob.sum()) if len(done) else math.nan
+        rows.append({"choice": c.index,
+                     "prompt_index": c.details.prompt_index if c.details else 0,
+                     "text": c.text, "finish_reason": c.finish_reason, "tokens": len(done),
+                     "sum_logprob": total,
+                     "perplexity": math.exp(-total / len(done)) if len(done) else math.nan})
+    return pd.DataFrame(rows, columns=["choice", "prompt_index", "text", "finish_reason",
+                                       "tokens", "sum_logprob", "perplexity"])
+
+
+def perf(resp: Union[Response, Iterable[Completion]]) -> pd.DataFrame:
+    """One row per response: id, model, usage and every perf metric it carries."""
+    if isinstance(resp, Completion):
+        responses = [resp]
+    else:
+        items = list(resp)
+        responses = [items[-1]] if items and isinstance(items[0], CompletionChunk) else items
+    rows = []
+    for r in responses:
+        row = {"id": r.id, "model": r.model, "created": r.created}
+        if r.usage is not None:
+            row.update(prompt_tokens=r.usage.prompt_tokens,
+                       completion_tokens=r.usage.completion_tokens,
+                       total_tokens=r.usage.total_tokens,
+                       cached_tokens=(r.usage.prompt_tokens_details.cached_tokens
+                                      if r.usage.prompt_tokens_details else 0))
+        row.update(r.perf_metrics or {})
+        rows.append(row)
+    return pd.DataFrame(rows)
