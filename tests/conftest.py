@@ -13,7 +13,7 @@ import pytest
 SPECIALS = ["<|endoftext|>", "<think>", "</think>"]
 
 
-def _train_tokenizer(vocab_size: int = 300):
+def _train_tokenizer(vocab_size: int = 300, specials: list[str] = SPECIALS):
     """A byte-level BPE shaped like the zoo's: BOS added, <think> tokens special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -23,13 +23,13 @@ def _train_tokenizer(vocab_size: int = 300):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = inspect.getsource(inspect) + inspect.getsource(Path)
     tok.train_from_iterator(text.splitlines(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIALS[1:])
+                                   additional_special_tokens=specials[1:])
 
 
 def make_model_dir(folder: Path, kind: str = "llama", vocab_size: int = 300,
@@ -37,7 +37,7 @@ def make_model_dir(folder: Path, kind: str = "llama", vocab_size: int = 300,
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
-    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer = _train_tokenizer(vocab_size, SPECIALS if think_tokens else SPECIALS[:1])
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
