@@ -1,6 +1,8 @@
-"""toolkit: the `/v1/completions` API in-process, on a local Hugging Face model."""
-from . import errors, schema
+"""toolkit: the `/v1/completions` API in-process, on a local Hugging Face model, with every
+number it returns as a pandas DataFrame."""
+from . import errors, frames, plots, schema, widgets
 from .llm import LLM, load
+from .sweep import sweep
 
-__all__ = ["LLM", "errors", "load", "schema"]
+__all__ = ["LLM", "errors", "frames", "load", "plots", "schema", "sweep", "widgets"]
 __version__ = "0.1.0"

@@ -191,6 +191,10 @@ def routing(resp: Response, experts_per_token: Optional[int] = None) -> pd.DataF
                          "k": "int64", "expert": "int64", "weight": "float64"})
 
 
+CHOICE_COLUMNS = ["choice", "prompt_index", "text", "finish_reason", "tokens", "sum_logprob",
+                  "perplexity"]
+
+
 def choices(resp: Response) -> pd.DataFrame:
     """One row per choice: text, finish reason, completion token count, summed logprob
     and perplexity of the completion tokens (echoed prompt tokens excluded)."""
@@ -204,8 +208,7 @@ def choices(resp: Response) -> pd.DataFrame:
                      "text": c.text, "finish_reason": c.finish_reason, "tokens": len(done),
                      "sum_logprob": total,
                      "perplexity": math.exp(-total / len(done)) if len(done) else math.nan})
-    return pd.DataFrame(rows, columns=["choice", "prompt_index", "text", "finish_reason",
-                                       "tokens", "sum_logprob", "perplexity"])
+    return pd.DataFrame(rows, columns=CHOICE_COLUMNS)
 
 
 def perf(resp: Union[Response, Iterable[Completion]]) -> pd.DataFrame:

@@ -1,0 +1,110 @@
+"""Plots render headlessly; sweeps gather one frame; widgets react to programmatic changes."""
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+import toolkit as tk
+from toolkit import plots
+
+PROMPT = "def add(a, b):\n"
+
+
+@pytest.fixture(scope="module")
+def resp(llm):
+    return llm.completions.create(prompt=PROMPT, max_tokens=6, n=2, seed=0, logprobs=True,
+                                  top_logprobs=3, echo=True)
+
+
+@pytest.mark.parametrize("draw", [plots.logprob_strip, plots.top_k_heatmap,
+                                  plots.entropy_curve])
+def test_token_plots_render(resp, draw, tmp_path):
+    fig = draw(resp)
+    assert isinstance(fig, Figure)
+    fig.savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_expert_usage_plot(moe_llm, tmp_path):
+    resp = moe_llm.completions.create(prompt=PROMPT, max_tokens=4, include_routing_matrix=True)
+    fig = plots.expert_usage(resp, num_experts=moe_llm.info.num_experts)
+    fig.savefig(tmp_path / "experts.png")
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (moe_llm.info.num_moe_layers, moe_llm.info.num_experts)
+    assert image.sum() == 4 * moe_llm.info.num_moe_layers * moe_llm.info.experts_per_token
+
+
+def test_sweep_frame_and_grid(llm, tmp_path):
+    frame = tk.sweep(llm, PROMPT, n=3, max_tokens=4, temperature=[0.0, 1.5],
+                     top_p=[0.5, 1.0], progress=False)
+    assert list(frame.columns[:2]) == ["temperature", "top_p"]
+    assert len(frame) == 2 * 2 * 3
+    greedy = frame[frame.temperature == 0.0]
+    assert greedy.groupby("top_p").text.nunique().eq(1).all()   # greedy: one text per cell
+    fig = plots.sweep_grid(frame, "temperature", "top_p")
+    fig.savefig(tmp_path / "grid.png")
+    assert fig.axes[0].images[0].get_array().shape == (2, 2)
+
+
+def test_sweep_interrupt_keeps_finished_rows(llm, monkeypatch):
+    create, calls = llm.completions.create, {"n": 0}
+
+    def flaky(**kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return create(**kw)
+
+    monkeypatch.setattr(llm.completions, "create", flaky)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = tk.sweep(llm, PROMPT, n=2, max_tokens=2, temperature=[0.1, 0.5, 1.0, 1.5],
+                         progress=False)
+    assert len(frame) == 2 * 2 and "interrupted" in str(caught[0].message)
+
+
+def test_explorer_resamples_on_change(llm):
+    ex = tk.widgets.explore(llm, PROMPT, n=2, max_tokens=8)
+    first = ex.completions.value
+    assert first.count("<span") >= 2 * 8 and "title=" in first
+    assert ex.distribution.value[:4] == b"\x89PNG"
+    ex.knobs["temperature"].value = 0.0
+    greedy = ex.completions.value
+    assert greedy != first
+    lines = greedy.split("<br>")
+    assert lines[0].split(" ", 1)[1] == lines[1].split(" ", 1)[1]   # greedy choices agree
+    before = ex.distribution.value
+    ex.position.value = 3
+    assert ex.distribution.value != before
+    ex.seed.value = 99
+    ex.knobs["temperature"].value = 1.0
+    assert ex.completions.value not in (first, greedy)
+    assert "<table" in ex.table.value
+    ex.knobs["mirostat_target"].value = 3.0            # Mirostat switches on
+    assert ex.request()["mirostat_target"] == 3.0 and ex.error.value == ""
+
+
+def test_explorer_shows_request_errors(llm):
+    ex = tk.widgets.explore(llm, PROMPT, max_tokens=4)
+    shown = ex.completions.value
+    ex.prompt.value = "x " * 500                       # longer than the context window
+    assert "context window" in ex.error.value and "prompt" in ex.error.value
+    assert ex.completions.value == shown               # the last good result stays
+    ex.prompt.value = PROMPT
+    assert ex.error.value == ""
+    ex.max_tokens.value = 2
+    assert ex.completions.value != shown
+
+
+def test_sweep_explorer_runs_and_plots(llm):
+    sx = tk.widgets.sweep_explorer(llm, PROMPT, n=2, max_tokens=3)
+    sx.x_values.value, sx.y_values.value = "0.1 1.0", "0.5 1.0"
+    sx.run.click()
+    assert isinstance(sx.frame, pd.DataFrame) and len(sx.frame) == 2 * 2 * 2
+    assert sx.plot.value[:4] == b"\x89PNG"
+    sx.x_values.value = ""
+    sx.run.click()
+    assert "at least one value" in sx.error.value

@@ -1,0 +1,117 @@
+"""Matplotlib figures from frames. Each function takes a response (or the frame it needs)
+and returns the `Figure`, drawing nothing globally, so notebooks show it and tests save it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import frames
+
+Frameable = Union[pd.DataFrame, Any]
+
+
+def _frame(data: Frameable, make: Any) -> pd.DataFrame:
+    return data if isinstance(data, pd.DataFrame) else make(data)
+
+
+def _show(token: str) -> str:
+    """A token as a label: visible whitespace, escaped control characters."""
+    token = token.replace("\n", "↵").replace("\t", "⇥").replace(" ", "·")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token)
+
+
+def logprob_strip(data: Frameable, choice: int = 0, per_row: int = 16) -> Figure:
+    """The tokens of a choice in reading order, each cell coloured by its logprob."""
+    tok = _frame(data, frames.tokens)
+    tok = tok[tok.choice == choice].reset_index(drop=True)
+    rows = max(1, -(-len(tok) // per_row))
+    grid = np.full((rows, per_row), np.nan)
+    grid.flat[:len(tok)] = tok.logprob.to_numpy(dtype=float)
+    fig = Figure(figsize=(per_row * 0.75, rows * 0.5 + 0.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=min(-8.0, np.nanmin(grid, initial=0)), vmax=0,
+                      aspect="auto")
+    for k, token in enumerate(tok.token):
+        ax.text(k % per_row, k // per_row, _show(token)[:8], ha="center", va="center",
+                fontsize=7)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"choice {choice}: logprob of each token")
+    fig.colorbar(image, ax=ax, label="logprob", fraction=0.03)
+    return fig
+
+
+def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
+    """Positions x rank: the logprob of each top alternative, labelled with its token."""
+    top = _frame(data, frames.top_logprobs)
+    top = top[top.choice == choice]
+    table = top.pivot(index="rank", columns="position", values="logprob")
+    labels = top.pivot(index="rank", columns="position", values="token")
+    fig = Figure(figsize=(max(4, 0.7 * table.shape[1]), 0.5 * len(table) + 1.2))
+    ax = fig.add_subplot()
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    for (r, p), token in np.ndenumerate(labels.to_numpy()):
+        if isinstance(token, str):
+            ax.text(p, r, _show(token)[:6], ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(table.shape[1]), table.columns)
+    ax.set_yticks(range(len(table)), table.index)
+    ax.set_xlabel("position"), ax.set_ylabel("rank")
+    ax.set_title(f"choice {choice}: top alternatives")
+    fig.colorbar(image, ax=ax, label="logprob", fraction=0.03)
+    return fig
+
+
+def entropy_curve(data: Frameable) -> Figure:
+    """Entropy of the next-token distribution along each choice, with the chosen token's
+    surprise (-logprob) for comparison."""
+    tok = _frame(data, frames.tokens)
+    fig = Figure(figsize=(7, 3))
+    ax = fig.add_subplot()
+    for choice, rows in tok.groupby("choice"):
+        line, = ax.plot(rows.position, rows.entropy, label=f"entropy, choice {choice}")
+        ax.plot(rows.position, -rows.logprob, ":", color=line.get_color(),
+                label=f"surprise, choice {choice}")
+    ax.set_xlabel("position"), ax.set_ylabel("nats")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def expert_usage(data: Frameable, num_experts: Optional[int] = None) -> Figure:
+    """Layer x expert heatmap of how many tokens each expert received."""
+    route = _frame(data, frames.routing)
+    experts = num_experts or int(route.expert.max()) + 1
+    counts = pd.crosstab(route.layer, route.expert).reindex(columns=range(experts),
+                                                            fill_value=0)
+    fig = Figure(figsize=(0.6 * experts + 2, 0.5 * len(counts) + 1.2))
+    ax = fig.add_subplot()
+    image = ax.imshow(counts.to_numpy(), cmap="magma", aspect="auto")
+    ax.set_xticks(range(experts)), ax.set_yticks(range(len(counts)), counts.index)
+    ax.set_xlabel("expert"), ax.set_ylabel("MoE layer")
+    ax.set_title("tokens routed to each expert")
+    fig.colorbar(image, ax=ax, label="tokens", fraction=0.03)
+    return fig
+
+
+def sweep_grid(frame: pd.DataFrame, x: str, y: str, value: str = "distinct",
+               agg: str = "mean") -> Figure:
+    """A sweep metric over two swept parameters. `value` is a column of the sweep frame,
+    or "distinct": the number of distinct completions per cell."""
+    if value == "distinct":
+        table = frame.groupby([y, x]).text.nunique().unstack(x)
+    else:
+        table = frame.groupby([y, x])[value].agg(agg).unstack(x)
+    fig = Figure(figsize=(1.1 * table.shape[1] + 2, 0.7 * table.shape[0] + 1.2))
+    ax = fig.add_subplot()
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="cividis", aspect="auto",
+                      origin="lower")
+    for (r, c), v in np.ndenumerate(table.to_numpy(dtype=float)):
+        ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8, color="w")
+    ax.set_xticks(range(table.shape[1]), table.columns)
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel(x), ax.set_ylabel(y)
+    ax.set_title(value if value == "distinct" else f"{agg} {value}")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    return fig

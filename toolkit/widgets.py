@@ -1,0 +1,188 @@
+"""Interactive explorers for notebooks, built on completions, frames and plots.
+
+`explore(llm, prompt)` puts a slider on every sampling knob and re-samples when one is let
+go (`continuous_update=False`: one request per change, not one per pixel of drag). It shows
+the completions with each token coloured by its logprob (hover for the alternatives), the
+next-token distribution at a chosen position, and the tokens frame. `sweep_explorer` runs a
+`sweep` over two knobs and plots it. Both render through plain widget values (HTML text,
+PNG bytes), so their logic runs and is tested without a browser.
+"""
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import frames, plots
+from .sweep import sweep
+
+# knob -> (widget class, value, min, max, step); the values are the API's neutral defaults
+KNOBS = {
+    "temperature": (W.FloatSlider, 1.0, 0.0, 2.0, 0.05),
+    "top_k": (W.IntSlider, 0, 0, 100, 1),
+    "top_p": (W.FloatSlider, 1.0, 0.0, 1.0, 0.01),
+    "min_p": (W.FloatSlider, 0.0, 0.0, 1.0, 0.01),
+    "typical_p": (W.FloatSlider, 1.0, 0.0, 1.0, 0.01),
+    "frequency_penalty": (W.FloatSlider, 0.0, -2.0, 2.0, 0.1),
+    "presence_penalty": (W.FloatSlider, 0.0, -2.0, 2.0, 0.1),
+    "repetition_penalty": (W.FloatSlider, 1.0, 0.05, 2.0, 0.05),
+    "mirostat_target": (W.FloatSlider, 0.0, 0.0, 10.0, 0.5),      # 0 = Mirostat off
+    "mirostat_lr": (W.FloatSlider, 0.1, 0.01, 1.0, 0.01),
+}
+
+
+def png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def token_html(tok: Any, top: Any, choice: int) -> str:
+    """A choice's tokens as spans coloured from red (unlikely) to green (likely), with the
+    top alternatives in each span's tooltip."""
+    rows = tok[tok.choice == choice]
+    spans = []
+    for position, token, logprob in zip(rows.position, rows.token, rows.logprob):
+        p = 0.0 if np.isnan(logprob) else float(np.exp(logprob))
+        alts = top[(top.choice == choice) & (top.position == position)]
+        tip = "\n".join(f"{t!r}: {lp:.2f}" for t, lp in zip(alts.token, alts.logprob))
+        colour = f"hsl({int(120 * p)}, 70%, 80%)"
+        spans.append(f'<span title="{html.escape(tip)}" style="background:{colour};'
+                     f'white-space:pre">{html.escape(token)}</span>')
+    return "<code>" + "".join(spans) + "</code>"
+
+
+class Explorer:
+    """Sliders for every sampling knob over one prompt; see the module docstring."""
+
+    def __init__(self, llm: Any, prompt: str, n: int = 3, max_tokens: int = 32,
+                 seed: int = 0) -> None:
+        self.llm = llm
+        self.prompt = W.Textarea(value=prompt, description="prompt", continuous_update=False)
+        self.knobs = {name: cls(value=v, min=lo, max=hi, step=step, description=name,
+                                continuous_update=False)
+                      for name, (cls, v, lo, hi, step) in KNOBS.items()}
+        self.seed = W.IntText(value=seed, description="seed")
+        self.n = W.IntSlider(value=n, min=1, max=16, description="n", continuous_update=False)
+        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=256,
+                                      description="max_tokens", continuous_update=False)
+        self.position = W.IntSlider(value=0, min=0, max=max_tokens - 1,
+                                    description="position", continuous_update=False)
+        self.completions = W.HTML()
+        self.distribution = W.Image(format="png")
+        self.table = W.HTML()
+        self.error = W.HTML()
+        for control in [self.prompt, self.seed, self.n, self.max_tokens, *self.knobs.values()]:
+            control.observe(lambda _: self.update(), names="value")
+        self.position.observe(lambda _: self.show_distribution(), names="value")
+        self.ui = W.VBox([self.prompt, W.HBox([
+            W.VBox(list(self.knobs.values())),
+            W.VBox([self.seed, self.n, self.max_tokens, self.position])]),
+            self.error, self.completions, self.distribution, self.table])
+        self.response = None
+        self.update()
+
+    def request(self) -> dict[str, Any]:
+        fields = {name: w.value for name, w in self.knobs.items()}
+        if fields["mirostat_target"] == 0:
+            del fields["mirostat_target"], fields["mirostat_lr"]
+        return dict(prompt=self.prompt.value, n=self.n.value, seed=self.seed.value,
+                    max_tokens=self.max_tokens.value, logprobs=True, top_logprobs=5,
+                    **fields)
+
+    def update(self) -> None:
+        try:
+            self.response = self.llm.completions.create(**self.request())
+        except ValueError as exc:              # InvalidRequestError: show it, keep going
+            self.error.value = f"<b style='color:#b00'>{html.escape(str(exc))}</b>"
+            return
+        self.error.value = ""
+        tok, top = frames.tokens(self.response), frames.top_logprobs(self.response)
+        self.completions.value = "<br>".join(
+            f"<b>{c.index}</b> {token_html(tok, top, c.index)}"
+            for c in self.response.choices)
+        self.table.value = tok.to_html(max_rows=40, float_format="%.3f")
+        self.position.max = max(0, int(tok[tok.choice == 0].position.max()
+                                       - tok[tok.choice == 0].position.min())) \
+            if len(tok) else 0
+        self.show_distribution()
+
+    def show_distribution(self) -> None:
+        """Bar chart of the top alternatives at the chosen position of choice 0."""
+        top = frames.top_logprobs(self.response)
+        top = top[top.choice == 0]
+        if top.empty:
+            return
+        position = int(top.position.min()) + self.position.value
+        rows = top[top.position == position]
+        fig = Figure(figsize=(5, 2.2))
+        ax = fig.add_subplot()
+        ax.barh([repr(t) for t in rows.token][::-1], np.exp(rows.logprob.to_numpy())[::-1])
+        ax.set_xlabel("probability (raw model distribution)")
+        ax.set_title(f"next token at position {position}")
+        self.distribution.value = png(fig)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.ui._repr_mimebundle_(**kwargs)
+
+
+def explore(llm: Any, prompt: str, **kwargs: Any) -> Explorer:
+    """An interactive sampling explorer for `prompt` (display it in a notebook cell)."""
+    return Explorer(llm, prompt, **kwargs)
+
+
+class SweepExplorer:
+    """Pick two knobs and their ranges, run the sweep, see the grid."""
+
+    def __init__(self, llm: Any, prompt: str, n: int = 8, max_tokens: int = 24) -> None:
+        self.llm, self.prompt = llm, prompt
+        names = list(KNOBS)
+        self.x = W.Dropdown(options=names, value="temperature", description="x")
+        self.y = W.Dropdown(options=names, value="top_p", description="y")
+        self.x_values = W.Text(value="0.2, 0.7, 1.2", description="x values")
+        self.y_values = W.Text(value="0.5, 0.9, 1.0", description="y values")
+        self.metric = W.Dropdown(options=["distinct", "perplexity", "tokens", "sum_logprob"],
+                                 value="distinct", description="metric")
+        self.n = W.IntSlider(value=n, min=1, max=32, description="n")
+        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=128,
+                                      description="max_tokens")
+        self.run = W.Button(description="run sweep")
+        self.run.on_click(lambda _: self.update())
+        self.plot = W.Image(format="png")
+        self.error = W.HTML()
+        self.ui = W.VBox([W.HBox([self.x, self.x_values]), W.HBox([self.y, self.y_values]),
+                          W.HBox([self.metric, self.n, self.max_tokens]), self.run,
+                          self.error, self.plot])
+        self.frame = None
+
+    def update(self) -> None:
+        try:
+            grids = {self.x.value: _numbers(self.x_values.value),
+                     self.y.value: _numbers(self.y_values.value)}
+            self.frame = sweep(self.llm, self.prompt, n=self.n.value,
+                               max_tokens=self.max_tokens.value, progress=False, **grids)
+        except ValueError as exc:
+            self.error.value = f"<b style='color:#b00'>{html.escape(str(exc))}</b>"
+            return
+        self.error.value = ""
+        self.plot.value = png(plots.sweep_grid(self.frame, self.x.value, self.y.value,
+                                               self.metric.value))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.ui._repr_mimebundle_(**kwargs)
+
+
+def sweep_explorer(llm: Any, prompt: str, **kwargs: Any) -> SweepExplorer:
+    """A sweep over two knobs with a plot of the result (display it in a notebook cell)."""
+    return SweepExplorer(llm, prompt, **kwargs)
+
+
+def _numbers(text: str) -> list[Any]:
+    values = [float(v) for v in text.replace(",", " ").split()]
+    if not values:
+        raise ValueError("give at least one value")
+    return [int(v) if v.is_integer() and "." not in text else v for v in values]
