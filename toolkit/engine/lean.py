@@ -148,8 +148,9 @@ class LeanModel:
         expert indices and their normalised router weights, each [B, T, layers, k].
         """
         B, T = ids.shape
-        cache.ensure(int(positions.max()) + 1)
-        span = int(positions.max()) + 1
+        H, KV, D = self.num_heads, self.kv_heads, self.head_dim
+        span = int(positions.max()) + 1               # keys every row may attend to
+        cache.ensure(span)
         if B == 1 and T == 1:
             mask = None    # one token sees its whole row: no mask needed
         else:
@@ -162,20 +163,16 @@ class LeanModel:
         routes = []
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln_in, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([self.num_heads * self.head_dim,
-                                 self.kv_heads * self.head_dim,
-                                 self.kv_heads * self.head_dim], dim=-1)
-            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(B, T, H + 2 * KV, D)
+            qk = _rope(qkv[:, :, :H + KV].transpose(1, 2), cos, sin)   # q and k in one go
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, :, H + KV:].transpose(1, 2)
             keys_i, values_i = cache.k[i, rows], cache.v[i, rows]    # views [B, kv, C, D]
             keys_i[batch, :, positions] = k.transpose(1, 2)
             values_i[batch, :, positions] = v.transpose(1, 2)
             keys_i, values_i = keys_i[:, :, :span], values_i[:, :, :span]
             a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=mask,
-                                               enable_gqa=self.kv_heads != self.num_heads)
+                                               enable_gqa=KV != H)
             x = x + F.linear(a.transpose(1, 2).reshape(B, T, -1), layer.o)
             h = F.rms_norm(x, (x.shape[-1],), layer.ln_post, self.eps)
             if layer.router is None:
