@@ -322,7 +322,8 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
              "- Package sources (capped at 3 MB each): " + ", ".join(
                  f"{p['name']} {p['version']} ({p['licence']})" for p in d["packages"]) + ".",
              f"- {d['train_tokens']:,} training tokens; validation split: {d['val_modules']} "
-             f"modules ({d['val_tokens']:,} tokens), chosen by a hash of the module path.",
+             f"modules ({d['val_tokens']:,} tokens), chosen by a hash of the module path: "
+             + ", ".join(f"`{m}`" for m in d["val_module_names"]) + ".",
              "- Held out entirely: the stdlib test suite `Lib/test`, used for the figures "
              "below (every 10th `test_*.py`, first 200k tokens).", "",
              "## Training", "",
@@ -354,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every model's training tokens (e.g. 8 on a GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cards-only", action="store_true",
+                        help="re-measure the models in --out and rewrite their cards")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {len(corpus['train'])} train / {len(corpus['val'])} val documents "
           f"({time.time() - t0:.0f}s)", flush=True)
     shared = next((args.out / n for n in ZOO_NAMES if (args.out / n / "tokenizer.json")
-                   .exists() and n not in args.models), None)
+                   .exists() and (n not in args.models or args.cards_only)), None)
     tokenizer = AutoTokenizer.from_pretrained(shared) if shared else train_tokenizer(
         [t for _, t in corpus["train"]], COMMON["vocab_size"])
     train = token_stream(tokenizer, [t for _, t in corpus["train"]])
@@ -371,10 +374,11 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     data = {"python": platform.python_version(), "stdlib_files": corpus["stdlib_files"],
             "packages": corpus["packages"], "train_tokens": len(train),
-            "val_tokens": len(val), "val_modules": len(corpus["val"])}
+            "val_tokens": len(val), "val_modules": len(corpus["val"]),
+            "val_module_names": sorted(module for module, _ in corpus["val"])}
     models, trained = {}, {}
     for name in ZOO_NAMES:   # tiny-code first: the draft's card compares against it
-        if name in args.models:
+        if name in args.models and not args.cards_only:
             arch, _, tokens, lr = SPECS[name]
             print(f"{name}: training", flush=True)
             model = make_model(name, args.seed)
@@ -384,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
             models[name] = model.eval()
         elif (args.out / name / "config.json").exists():
             models[name] = AutoModelForCausalLM.from_pretrained(args.out / name).to(args.device)
+            if args.cards_only and name in args.models:
+                card = json.loads((args.out / name / "card.json").read_text())
+                trained[name] = card["training"]
     for model in models.values():   # measure exactly what ships: float16-rounded weights
         model.to(torch.float16).float()
     for name in args.models:
