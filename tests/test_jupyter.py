@@ -50,20 +50,44 @@ def test_sweep_frame_and_grid(llm, tmp_path):
 
 
 def test_sweep_interrupt_keeps_finished_rows(llm, monkeypatch):
-    create, calls = llm.completions.create, {"n": 0}
+    create_batch, calls = llm.completions.create_batch, {"n": 0}
 
-    def flaky(**kw):
+    def flaky(requests):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
-        return create(**kw)
+        return create_batch(requests)
 
-    monkeypatch.setattr(llm.completions, "create", flaky)
+    monkeypatch.setattr(llm.completions, "create_batch", flaky)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = tk.sweep(llm, PROMPT, n=2, max_tokens=2, temperature=[0.1, 0.5, 1.0, 1.5],
-                         progress=False)
+                         progress=False, batch=2)
     assert len(frame) == 2 * 2 and "interrupted" in str(caught[0].message)
+    assert frame.temperature.tolist() == [0.1, 0.1, 0.5, 0.5]
+
+
+def test_create_batch_equals_one_create_per_request(llm):
+    requests = [{"prompt": [PROMPT, "x = "], "n": 2, "max_tokens": 5, "seed": s,
+                 "logprobs": True, "return_token_ids": True, **knobs}
+                for s, knobs in [(0, {"temperature": 0.5}), (1, {"top_k": 3}),
+                                 (2, {"temperature": 0, "repetition_penalty": 1.5}),
+                                 (3, {"mirostat_target": 2.0}), (4, {"max_tokens": 3})]]
+    batched = llm.completions.create_batch(requests)
+    for req, resp in zip(requests, batched):
+        alone = llm.completions.create(**req)
+        assert [c.token_ids for c in resp.choices] == [c.token_ids for c in alone.choices]
+        assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+        assert resp.usage == alone.usage
+        for a, b in zip(resp.choices, alone.choices):
+            assert [e.sampling_logprob for e in a.logprobs.content] == pytest.approx(
+                [e.sampling_logprob for e in b.logprobs.content], abs=1e-5)
+        assert frames_equal(resp, alone)
+
+
+def frames_equal(a, b) -> bool:
+    cols = ["choice", "prompt_index", "position", "token_id", "rank"]
+    return tk.frames.tokens(a)[cols].equals(tk.frames.tokens(b)[cols])
 
 
 def test_explorer_resamples_on_change(llm):

@@ -41,6 +41,14 @@ class Job:
     def rows(self) -> int:
         return len(self.prompts) * self.n
 
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys differ only in per-row knobs and seeds: they can share one
+        decode loop."""
+        return (tuple(map(tuple, self.prompts)), self.n, tuple(self.max_new), tuple(self.echo),
+                self.top_n, self.capture_hidden, self.capture_routing, tuple(self.stops),
+                self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len)
+
 
 @dataclass
 class TokenLog:
