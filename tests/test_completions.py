@@ -205,7 +205,7 @@ def test_prefix_cache_stays_under_its_byte_budget(llama_dir):
     ({"reasoning_effort": "low"}, "reasoning_effort"),
     ({"images": ["data:image/png;base64,AAAA"]}, "images"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"activation_layers": [0]}, "activation_layers"),
+    ({"activation_layers": [2]}, "activation_layers"),
     ({"include_last_activation": True, "logprobs": 2}, "include_last_activation"),
     ({"bogus": 1}, "bogus"),
 ])

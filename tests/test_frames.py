@@ -125,3 +125,29 @@ def test_choices_and_perf_frames(llm):
     perf = fr.perf(resp)
     assert len(perf) == 1 and perf["prompt-tokens"][0] == resp.usage.prompt_tokens
     assert fr.perf([resp, resp]).shape[0] == 2
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_activation_layers_are_the_residual_streams(llama_dir, lean):
+    import toolkit as tk
+    llm = tk.load(llama_dir, lean_forward=lean)
+    resp = llm.completions.create(prompt=PROMPT, max_tokens=4, seed=0, logprobs=True,
+                                  echo=True, raw_output=True, activation_layers=[0, -1])
+    ids = resp.choices[0].raw_output.completion_token_ids
+    outputs = {}                     # reference: each HF decoder layer's own output
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(
+        i, out[0] if isinstance(out, tuple) else out))
+        for i, layer in enumerate(llm.model.model.layers)]
+    with torch.no_grad():
+        llm.model(input_ids=torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    for layer in (0, -1, 1):
+        index, matrix = fr.activation_matrix(resp, layer=layer)
+        assert [p for _, p in index] == list(range(1, len(ids)))
+        expected = outputs[layer % 2][0, :-1]
+        assert np.allclose(matrix, expected.numpy(), atol=1e-4)
+    assert "activation_layers" not in str(resp.model_dump(exclude_none=True))
+    with pytest.raises(ValueError, match="activation_layers"):
+        fr.activations(llm.completions.create(prompt=PROMPT, max_tokens=2, logprobs=True),
+                       layer=0)

@@ -32,7 +32,7 @@ def test_lean_matches_hf_for_prefill_and_ragged_decode(name):
     with torch.inference_mode():
         ref = model(input_ids=ids).logits[0]
         cache = lean.new_cache(rows=3, capacity=4)               # grows as needed
-        hidden, _ = lean.forward(ids, torch.arange(12)[None], cache, slice(0, 1))
+        hidden, _, _ = lean.forward(ids, torch.arange(12)[None], cache, slice(0, 1))
         assert torch.allclose(lean.logits(hidden[0]), ref, atol=1e-4)
         # rows at different lengths decode side by side
         cache = lean.new_cache(rows=3, capacity=4)
@@ -42,7 +42,8 @@ def test_lean_matches_hf_for_prefill_and_ragged_decode(name):
         pos = torch.tensor([8, 8, 5])
         for t in range(4):
             tokens = torch.stack([ids[0, 8 + t], ids[0, 8 + t], ids[0, 5 + t]])
-            hidden, _ = lean.forward(tokens[:, None], (pos + t)[:, None], cache, slice(None))
+            hidden, _, _ = lean.forward(tokens[:, None], (pos + t)[:, None], cache,
+                                        slice(None))
             logits = lean.logits(hidden[:, 0])
             assert torch.allclose(logits[0], ref[8 + t], atol=1e-4)
             assert torch.allclose(logits[1], ref[8 + t], atol=1e-4)

@@ -30,7 +30,6 @@ _NOT_YET = {
     "speculation": "speculative decoding (speculation / prediction)",
     "reasoning_effort": "reasoning_effort",
     "images": "images (vision-language input)",
-    "activation_layers": "activation_layers",
 }
 
 
@@ -88,6 +87,11 @@ class Completions:
             if getattr(req, flag) and req.logprobs_format == "legacy":
                 raise InvalidRequestError(f"{flag} rides on the new logprobs format: use "
                                           f"logprobs=true, not an integer", flag)
+        for layer in req.activation_layers or []:
+            if not -info.num_layers <= layer < info.num_layers:
+                raise InvalidRequestError(f"activation_layers: layer {layer} does not exist; "
+                                          f"{info.name} has {info.num_layers}",
+                                          "activation_layers")
         for token in req.logit_bias or {}:
             if int(token) >= info.vocab_size:
                 raise InvalidRequestError(f"logit_bias token id {token} is outside the "
@@ -139,6 +143,8 @@ class Completions:
                    top_n=req.num_top_logprobs,
                    capture_hidden=req.include_last_activation,
                    capture_routing=req.include_routing_matrix,
+                   activation_layers=tuple(dict.fromkeys(
+                       layer % info.num_layers for layer in req.activation_layers or [])),
                    stops=req.stop_sequences, eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len)
@@ -236,7 +242,8 @@ class _Run:
         echo, prompt = self.job.echoes[s.prompt_index], self.job.prompts[s.prompt_index]
         logs = ([(echo, 0, len(echo))] if with_echo else []) + [(s.out, start, end)]
         first = len(prompt) - len(echo) if with_echo else len(prompt) + start
-        return details(s.prompt_index, len(prompt), logs, first)
+        return details(s.prompt_index, len(prompt), logs, first, self.job.activation_layers,
+                       self.llm.info.num_layers)
 
     def _choice(self, s: Sequence) -> Choice:
         req, echo = self.req, self.job.echoes[s.prompt_index]

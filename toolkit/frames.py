@@ -35,6 +35,7 @@ class _Choice:
     ranks: list[Optional[int]] = field(default_factory=list)
     entropies: list[Optional[float]] = field(default_factory=list)
     router_weights: list[Any] = field(default_factory=list)
+    layers: list[Any] = field(default_factory=list)
 
 
 def _entries(logprobs: Any) -> list[LogprobsContent]:
@@ -70,6 +71,7 @@ def _choices(resp: Response) -> list[_Choice]:
                 m.ranks += d.ranks
                 m.entropies += d.entropies
                 m.router_weights += d.router_weights
+                m.layers += d.layers
     return [merged[i] for i in sorted(merged)]
 
 
@@ -144,23 +146,43 @@ def top_logprobs(resp: Response) -> pd.DataFrame:
                          "token": "object", "token_id": "Int64", "logprob": "float64"})
 
 
-def activation_matrix(resp: Response) -> tuple[pd.MultiIndex, np.ndarray]:
-    """The last activations as one float32 matrix [tokens, hidden] with its (choice,
-    position) index; tokens without one (the first prompt token) are left out."""
+def activation_matrix(resp: Response, layer: Optional[int] = None
+                      ) -> tuple[pd.MultiIndex, np.ndarray]:
+    """Activations as one float32 matrix [tokens, hidden] with its (choice, position)
+    index: the wire's `last_activation` (final norm output) or, with `layer`, the residual
+    stream after that decoder layer, asked for with `activation_layers` (not on the wire:
+    local responses only). Tokens without one (the first prompt token) are left out."""
     index, vectors = [], []
     for c in _choices(resp):
         start = c.details.start if c.details else 0
+        tap = _tap(c, layer)
         for k, e in enumerate(c.entries):
-            if e.last_activation is not None:
+            if layer is not None:
+                if k < len(c.layers) and c.layers[k] is not None:
+                    index.append((c.index, start + k))
+                    vectors.append(c.layers[k][tap])
+            elif e.last_activation is not None:
                 index.append((c.index, start + k))
                 vectors.append(decode_activation(e.last_activation))
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
     return pd.MultiIndex.from_tuples(index, names=["choice", "position"]), matrix
 
 
-def activations(resp: Response) -> pd.DataFrame:
-    """(choice, position) index, one float32 column per hidden unit."""
-    index, matrix = activation_matrix(resp)
+def _tap(c: _Choice, layer: Optional[int]) -> int:
+    """Which of the tapped layers `layer` is (negative counts from the last layer)."""
+    if layer is None:
+        return -1
+    if c.details and c.details.layer_ids and layer % c.details.num_layers in \
+            c.details.layer_ids:
+        return c.details.layer_ids.index(layer % c.details.num_layers)
+    raise ValueError(f"layer {layer} was not captured: request it with "
+                     f"activation_layers=[{layer}]")
+
+
+def activations(resp: Response, layer: Optional[int] = None) -> pd.DataFrame:
+    """(choice, position) index, one float32 column per hidden unit; see
+    `activation_matrix` for `layer`."""
+    index, matrix = activation_matrix(resp, layer)
     return pd.DataFrame(matrix, index=index, copy=False)
 
 

@@ -6,8 +6,11 @@ Pure functions over the engine's `TokenLog`s, shared by whole responses and stre
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import numpy as np
+import torch
 
 from .captures import encode_activation, encode_routing
 from .engine.sequence import Job, Sequence, TokenLog
@@ -43,16 +46,23 @@ class ChoiceDetails:
     ranks: list[Optional[int]]
     entropies: list[Optional[float]]
     router_weights: list[Optional[list[list[float]]]]
+    layer_ids: tuple[int, ...] = ()    # `activation_layers`, as non-negative indices
+    num_layers: int = 0
+    layers: list[Optional[np.ndarray]] = field(default_factory=list)   # [taps, hidden]
 
 
 def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, int, int]],
-            start: int) -> ChoiceDetails:
+            start: int, layer_ids: tuple[int, ...] = (), num_layers: int = 0
+            ) -> ChoiceDetails:
     """Details of the tokens [a, b) of each log, in order."""
     weights = lambda w: None if w is None else w.tolist()
+    array = lambda t: None if t is None else t.to("cpu", torch.float32).numpy()
     return ChoiceDetails(prompt_index, prompt_tokens, start,
                          [r for log, a, b in logs for r in log.ranks[a:b]],
                          [e for log, a, b in logs for e in log.entropies[a:b]],
-                         [weights(w) for log, a, b in logs for w in log.weights[a:b]])
+                         [weights(w) for log, a, b in logs for w in log.weights[a:b]],
+                         layer_ids, num_layers,
+                         [array(t) for log, a, b in logs for t in log.layers[a:b]])
 
 
 def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,

@@ -64,7 +64,7 @@ class Engine:
         logits = torch.stack(logits)
         scored = Forward(*(None if getattr(last[0], f) is None else
                            torch.stack([getattr(x, f) for x in last])
-                           for f in ("hidden", "experts", "weights")))
+                           for f in ("hidden", "experts", "weights", "layers")))
         job.timings["prefill_end"] = time.perf_counter()
 
         for s in seqs:
@@ -92,7 +92,7 @@ class Engine:
             mask = torch.tensor([not s.finished for s in seqs], device=self.device)
             if not bool(mask.any()):
                 break
-            fwd = self.runner.decode(state, tokens, positions, mask)
+            fwd = self.runner.decode(state, tokens, positions, mask, job.activation_layers)
             positions = positions + mask
             logits = self.runner.logits(fwd.hidden)
             scored = fwd
@@ -104,7 +104,7 @@ class Engine:
         position's forward output and logits (which pick the first generated token)."""
         row, echo_from = i * job.n, len(ids) - job.echo[i]
         cached = self._reuse_prefix(job, state, row, ids, echo_from)
-        fwd = self.runner.prefill(state, row, ids[cached:], cached)
+        fwd = self.runner.prefill(state, row, ids[cached:], cached, job.activation_layers)
         if self.runner.supports_prefix_cache and job.cache_max_len != 0:
             upto = len(ids) if job.cache_max_len is None else min(len(ids), job.cache_max_len)
             self.prefix_cache.store(job.cache_key, ids, upto,
@@ -115,7 +115,8 @@ class Engine:
         logits = self.runner.logits(fwd.hidden[first - cached:])
         job.echoes.append(self._score_echo(job, ids, echo_from, first, cached, fwd, logits))
         at = lambda t: None if t is None else t[-1]
-        return Forward(fwd.hidden[-1], at(fwd.experts), at(fwd.weights)), logits[-1]
+        return Forward(fwd.hidden[-1], at(fwd.experts), at(fwd.weights), at(fwd.layers)), \
+            logits[-1]
 
     def _reuse_prefix(self, job: Job, state: Any, row: int, ids: list[int],
                       echo_from: int) -> int:
@@ -189,8 +190,10 @@ class Engine:
 
 
 def _captured(job: Job, fwd: Forward, i: int) -> tuple[Optional[torch.Tensor], ...]:
-    """(hidden, experts, router weights) at index i of a forward, where the job asks."""
+    """(hidden, experts, router weights, tapped layers) at index i of a forward, where the
+    job asks for them."""
     hidden = fwd.hidden[i] if job.capture_hidden else None
+    layers = fwd.layers[i] if fwd.layers is not None else None
     if not job.capture_routing or fwd.experts is None:
-        return hidden, None, None
-    return hidden, fwd.experts[i], fwd.weights[i]
+        return hidden, None, None, layers
+    return hidden, fwd.experts[i], fwd.weights[i], layers

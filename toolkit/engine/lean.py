@@ -140,12 +140,12 @@ class LeanModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                rows: slice) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor,
-                                                                   torch.Tensor]]]:
+                rows: slice, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, Any, Any]:
         """Run tokens `ids` [B, T] at `positions` [B, T] for the B cache rows `rows`.
 
-        Returns the final-norm hidden states [B, T, H] and, for MoE models, the routing:
-        expert indices and their normalised router weights, each [B, T, layers, k].
+        Returns the final-norm hidden states [B, T, H]; for MoE models the routing (expert
+        indices and their normalised router weights, each [B, T, layers, k]), else None;
+        and the residual stream after each layer in `taps` [B, T, len(taps), H], or None.
         """
         B, T = ids.shape
         H, KV, D = self.num_heads, self.kv_heads, self.head_dim
@@ -160,7 +160,7 @@ class LeanModel:
         sin = self.sin[positions][:, None]
         x = F.embedding(ids, self.embed)
         batch = torch.arange(B, device=ids.device)[:, None]
-        routes = []
+        routes, tapped = [], {}
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln_in, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(B, T, H + 2 * KV, D)
@@ -182,12 +182,15 @@ class LeanModel:
                 out, route = self._moe(h.reshape(B * T, -1), layer)
                 x = x + out.view(B, T, -1)
                 routes.append(route)
+            if i in taps:
+                tapped[i] = x
         hidden = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
+        layers = torch.stack([tapped[i] for i in taps], 2) if taps else None
         if not routes:
-            return hidden, None
+            return hidden, None, layers
         experts = torch.stack([r[0] for r in routes], 1).view(B, T, len(routes), -1)
         weights = torch.stack([r[1] for r in routes], 1).view(B, T, len(routes), -1)
-        return hidden, (experts, weights)
+        return hidden, (experts, weights), layers
 
     def _moe(self, h: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, tuple]:
         """Mixtral routing: softmax over experts, top-k, weights renormalised to sum 1."""

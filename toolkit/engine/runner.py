@@ -22,11 +22,13 @@ from . import lean
 @dataclass
 class Forward:
     """Output of a forward over some positions: hidden [N, H]; routing experts and router
-    weights [N, moe_layers, k] for MoE models."""
+    weights [N, moe_layers, k] for MoE models; residual streams of tapped layers
+    [N, taps, H] when asked."""
 
     hidden: torch.Tensor
     experts: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
+    layers: Optional[torch.Tensor] = None
 
 
 class LeanRunner:
@@ -38,22 +40,22 @@ class LeanRunner:
     def start(self, rows: int, capacity: int) -> lean.KVCache:
         return self.lean.new_cache(rows, capacity)
 
-    def prefill(self, cache: lean.KVCache, row: int, ids: list[int], start: int) -> Forward:
+    def prefill(self, cache: lean.KVCache, row: int, ids: list[int], start: int,
+                taps: tuple[int, ...] = ()) -> Forward:
         """Run prompt tokens `ids` at positions start.. for one row."""
         t = torch.tensor([ids], device=self.lean.device)
         pos = torch.arange(start, start + len(ids), device=t.device)[None]
-        hidden, route = self.lean.forward(t, pos, cache, slice(row, row + 1))
-        return _forward(hidden[0], route and (route[0][0], route[1][0]))
+        out = self.lean.forward(t, pos, cache, slice(row, row + 1), taps)
+        return _forward(out, lambda x: x[0])
 
     def fork(self, cache: lean.KVCache, src: int, dst: list[int], length: int) -> None:
         cache.copy_row(src, dst, length)
 
     def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-               active: torch.Tensor) -> Forward:
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """One token per row; every row runs (finished ones too) so the batch stays fixed."""
-        hidden, route = self.lean.forward(tokens[:, None], positions[:, None], cache,
-                                          slice(None))
-        return _forward(hidden[:, 0], route and (route[0][:, 0], route[1][:, 0]))
+        out = self.lean.forward(tokens[:, None], positions[:, None], cache, slice(None), taps)
+        return _forward(out, lambda x: x[:, 0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lean.logits(hidden)
@@ -82,40 +84,53 @@ class HFRunner:
     def start(self, rows: int, capacity: int) -> list[Any]:
         return [None] * rows
 
-    def _run(self, caches: list[Any], row: int, ids: list[int]) -> Forward:
+    def _run(self, caches: list[Any], row: int, ids: list[int],
+             taps: tuple[int, ...] = ()) -> Forward:
         from transformers import DynamicCache
 
         if caches[row] is None:
             caches[row] = DynamicCache(config=self.model.config)
         kwargs = {"output_router_logits": True} if self.info.is_moe else {}
         kwargs[self.cache_arg] = caches[row]
-        out = self.base(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
-                        **kwargs)
+        # Tapped layers' outputs come from hooks: `output_hidden_states` would copy every
+        # layer, and transformers puts the final norm's output in its last slot.
+        tapped: dict[int, torch.Tensor] = {}
+        hooks = [self.base.layers[i].register_forward_hook(
+            lambda mod, args, out, i=i: tapped.__setitem__(
+                i, out[0] if isinstance(out, tuple) else out)) for i in taps]
+        try:
+            out = self.base(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                            **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         hidden = out.last_hidden_state[0]
+        layers = torch.stack([tapped[i][0] for i in taps], 1) if taps else None
         if not self.info.is_moe:
-            return Forward(hidden)
+            return Forward(hidden, layers=layers)
         probs = torch.stack([r[-len(ids):].float() for r in out.router_logits], 1).softmax(-1)
         weights, experts = probs.topk(self.info.experts_per_token, dim=-1)
         if getattr(self.model.config, "norm_topk_prob", True):
             weights = weights / weights.sum(-1, keepdim=True)
-        return Forward(hidden, experts, weights)
+        return Forward(hidden, experts, weights, layers)
 
-    def prefill(self, caches: list[Any], row: int, ids: list[int], start: int) -> Forward:
-        return self._run(caches, row, ids)
+    def prefill(self, caches: list[Any], row: int, ids: list[int], start: int,
+                taps: tuple[int, ...] = ()) -> Forward:
+        return self._run(caches, row, ids, taps)
 
     def fork(self, caches: list[Any], src: int, dst: list[int], length: int) -> None:
         for d in dst:
             caches[d] = copy.deepcopy(caches[src])
 
     def decode(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
-               active: torch.Tensor) -> Forward:
-        outs = [self._run(caches, r, [t]) if a else None
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
+        outs = [self._run(caches, r, [t], taps) if a else None
                 for r, (t, a) in enumerate(zip(tokens.tolist(), active.tolist()))]
         live = next(o for o in outs if o is not None)
         fill = lambda get: None if get(live) is None else torch.cat(
             [get(o) if o is not None else torch.zeros_like(get(live)) for o in outs])
-        return Forward(fill(lambda o: o.hidden), fill(lambda o: o.experts),
-                       fill(lambda o: o.weights))
+        return Forward(*(fill(lambda o, f=f: getattr(o, f))
+                         for f in ("hidden", "experts", "weights", "layers")))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
@@ -124,8 +139,12 @@ class HFRunner:
         return logits
 
 
-def _forward(hidden: torch.Tensor, route: Optional[tuple]) -> Forward:
-    return Forward(hidden, *(route or (None, None)))
+def _forward(out: tuple, pick: Any) -> Forward:
+    """A lean forward's (hidden, routing, taps), with `pick` selecting the positions."""
+    hidden, route, layers = out
+    experts, weights = route or (None, None)
+    return Forward(*(None if t is None else pick(t)
+                     for t in (hidden, experts, weights, layers)))
 
 
 def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True) -> Any:

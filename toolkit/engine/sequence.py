@@ -27,6 +27,7 @@ class Job:
     top_n: int = 0
     capture_hidden: bool = False
     capture_routing: bool = False
+    activation_layers: tuple[int, ...] = ()   # residual streams to keep, by layer index
     stops: list[str] = field(default_factory=list)
     eos_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
@@ -46,7 +47,8 @@ class Job:
         """Jobs with equal keys differ only in per-row knobs and seeds: they can share one
         decode loop."""
         return (tuple(map(tuple, self.prompts)), self.n, tuple(self.max_new), tuple(self.echo),
-                self.top_n, self.capture_hidden, self.capture_routing, tuple(self.stops),
+                self.top_n, self.capture_hidden, self.capture_routing,
+                self.activation_layers, tuple(self.stops),
                 self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len)
 
 
@@ -66,13 +68,15 @@ class TokenLog:
     hidden: list[Optional[torch.Tensor]] = field(default_factory=list)
     experts: list[Optional[torch.Tensor]] = field(default_factory=list)
     weights: list[Optional[torch.Tensor]] = field(default_factory=list)
+    layers: list[Optional[torch.Tensor]] = field(default_factory=list)
     text: TextBuilder = field(default_factory=TextBuilder)
 
     def add(self, token: int, piece: bytes, logprob: Optional[float],
             sampling_logprob: Optional[float], top: tuple[list[int], list[float]],
             rank: Optional[int] = None, entropy: Optional[float] = None,
             hidden: Optional[torch.Tensor] = None, experts: Optional[torch.Tensor] = None,
-            weights: Optional[torch.Tensor] = None) -> None:
+            weights: Optional[torch.Tensor] = None,
+            layers: Optional[torch.Tensor] = None) -> None:
         self.ids.append(token)
         self.pieces.append(piece)
         self.offsets.append(self.text.add(piece))
@@ -85,6 +89,7 @@ class TokenLog:
         self.hidden.append(hidden)
         self.experts.append(experts)
         self.weights.append(weights)
+        self.layers.append(layers)
 
     def __len__(self) -> int:
         return len(self.ids)
