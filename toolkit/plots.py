@@ -18,6 +18,12 @@ def _frame(data: Frameable, make: Any) -> pd.DataFrame:
     return data if isinstance(data, pd.DataFrame) else make(data)
 
 
+def _ink(image: Any, value: float) -> str:
+    """Black text on the bright end of a colour map, white on the dark end."""
+    low, high = image.get_clim()
+    return "k" if high > low and (value - low) / (high - low) > 0.6 else "w"
+
+
 def _show(token: str) -> str:
     """A token as a label: visible whitespace, escaped control characters."""
     token = token.replace("\n", "↵").replace("\t", "⇥").replace(" ", "·")
@@ -53,9 +59,11 @@ def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
     fig = Figure(figsize=(max(4, 0.7 * table.shape[1]), 0.5 * len(table) + 1.2))
     ax = fig.add_subplot()
     image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    values = table.to_numpy(dtype=float)
     for (r, p), token in np.ndenumerate(labels.to_numpy()):
         if isinstance(token, str):
-            ax.text(p, r, _show(token)[:6], ha="center", va="center", fontsize=7, color="w")
+            ax.text(p, r, _show(token)[:6], ha="center", va="center", fontsize=7,
+                    color=_ink(image, values[r, p]))
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(len(table)), table.index)
     ax.set_xlabel("position"), ax.set_ylabel("rank")
@@ -108,7 +116,8 @@ def sweep_grid(frame: pd.DataFrame, x: str, y: str, value: str = "distinct",
     image = ax.imshow(table.to_numpy(dtype=float), cmap="cividis", aspect="auto",
                       origin="lower")
     for (r, c), v in np.ndenumerate(table.to_numpy(dtype=float)):
-        ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8, color="w")
+        ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8,
+                color=_ink(image, v))
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(table.shape[0]), table.index)
     ax.set_xlabel(x), ax.set_ylabel(y)

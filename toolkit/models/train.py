@@ -52,7 +52,7 @@ SPECS = {
     "tiny-code-moe": ("mixtral", dict(hidden_size=192, intermediate_size=384,
                                       num_hidden_layers=4, num_attention_heads=6,
                                       num_key_value_heads=2, num_local_experts=8,
-                                      num_experts_per_tok=2, router_aux_loss_coef=0.02),
+                                      num_experts_per_tok=2, router_aux_loss_coef=0.0),
                       6_000_000, 2e-3),
 }
 
@@ -178,6 +178,21 @@ def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training
 
+BALANCE_WEIGHT = 0.05
+
+
+def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """Switch-style load balancing, per layer: E * sum_e(tokens share_e * mean prob_e).
+    transformers' Mixtral loss pools all layers' tokens, which lets an expert die in one
+    layer while its namesakes elsewhere carry the load; balancing each layer prevents it."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)                            # [tokens, experts]
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(k, -1).indices, 1.0)
+        losses.append(probs.shape[-1] * (chosen.mean(0) / k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def make_model(name: str, seed: int) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
@@ -213,8 +228,7 @@ def train_model(model: Any, train: torch.Tensor, val: torch.Tensor, *, tokens: i
     """AdamW with warmup and cosine decay; keep the weights of the best validation loss and
     stop once it has not improved for `patience` evaluations."""
     model.to(device).train()
-    if getattr(model.config, "num_local_experts", None):
-        model.config.output_router_logits = True          # load-balancing loss: no dead experts
+    moe = bool(getattr(model.config, "num_local_experts", None))
     steps = max(1, tokens // (batch * seq))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(100, steps // 10 + 1)
@@ -228,7 +242,11 @@ def train_model(model: Any, train: torch.Tensor, val: torch.Tensor, *, tokens: i
     for step in range(1, steps + 1):
         x = next(batches).to(device)
         with autocast or torch.autocast("cpu", enabled=False):
-            loss = model(input_ids=x, labels=x).loss
+            out = model(input_ids=x, labels=x, output_router_logits=moe)
+            loss = out.loss
+            if moe:
+                loss = loss + BALANCE_WEIGHT * layer_balance_loss(
+                    out.router_logits, model.config.num_experts_per_tok)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -247,7 +265,6 @@ def train_model(model: Any, train: torch.Tensor, val: torch.Tensor, *, tokens: i
                 if bad >= patience:
                     break
     model.load_state_dict(best_state)
-    model.config.output_router_logits = False
     return {"steps": step, "tokens": step * batch * seq, "seconds": round(time.time() - start),
             "best_val_loss": round(best, 4), "best_val_perplexity": round(math.exp(best), 2),
             "batch": batch, "seq_len": seq, "peak_lr": lr, "history": history}
