@@ -41,36 +41,33 @@ class Completions:
 
     def create(self, **fields: Any) -> Union[Completion, Iterator[CompletionChunk]]:
         """Run a completion request; every field of the hosted API is accepted."""
-        started = time.perf_counter()
-        req = validate_request(fields)
-        model = self._llm.resolve_model(req.model)
-        self._check_features(req)
-        job = self._plan(req)
-        tokenized = time.perf_counter()
-        run = _Run(self._llm, req, job, model, started, tokenized)
-        return run.stream() if req.stream else run.complete()
+        run = self._prepare(fields, time.perf_counter())
+        return run.stream() if run.req.stream else run.complete()
 
     def create_batch(self, requests: SequenceOf[dict[str, Any]]) -> list[Completion]:
         """Run several whole (non-streaming) requests. Those that differ only in sampling
         knobs and seed share one decode loop, each row keeping its own knobs and seed
         stream, so the results equal one `create` per request at a fraction of the cost:
         a sweep over knobs costs about one request per prompt setting."""
-        started, runs = time.perf_counter(), []
-        for fields in requests:
-            req = validate_request(fields)
-            if req.stream:
-                raise InvalidRequestError("create_batch returns whole responses: stream "
-                                          "must be false", "stream")
-            model = self._llm.resolve_model(req.model)
-            self._check_features(req)
-            runs.append(_Run(self._llm, req, self._plan(req), model, started,
-                             time.perf_counter()))
+        started = time.perf_counter()
+        runs = [self._prepare(fields, started) for fields in requests]
+        if any(run.req.stream for run in runs):
+            raise InvalidRequestError("create_batch returns whole responses: stream must be "
+                                      "false", "stream")
         groups: dict[tuple, list[_Run]] = {}
         for run in runs:
             groups.setdefault(run.job.batch_key, []).append(run)
         for group in groups.values():
             _run_together(self._llm, group)
         return [run.response() for run in runs]
+
+    def _prepare(self, fields: dict[str, Any], started: float) -> "_Run":
+        """Validate a request against the schema and the model, and plan its engine job."""
+        req = validate_request(fields)
+        model = self._llm.resolve_model(req.model)
+        self._check_features(req)
+        job = self._plan(req)
+        return _Run(self._llm, req, job, model, started, time.perf_counter())
 
     def _check_features(self, req: CompletionRequest) -> None:
         info = self._llm.info
