@@ -29,12 +29,13 @@ def zoo():
 
 @pytest.fixture(scope="module")
 def heldout(zoo):
-    files = ev.heldout_files(every=40, offset=7)      # not the slice the cards were made on
+    # the cards' held-out text (every 10th stdlib test file), its first 60k tokens
+    files = ev.heldout_files()
     if not files:
         pytest.skip("this Python ships no test suite to hold out")
     return ev.encode_documents(zoo["tiny-code"].tokenizer,
                                [f.read_text(encoding="utf-8") for f in files],
-                               max_tokens=12_000)
+                               max_tokens=60_000)
 
 
 def test_default_model_is_tiny_code():
@@ -81,7 +82,7 @@ def test_moe_has_no_dead_experts(zoo, heldout):
 
 def test_tiny_code_writes_python(zoo):
     resp = zoo["tiny-code"].completions.create(
-        prompt='def read_lines(path):\n    """Return the lines of a text file."""\n',
+        prompt="def read_lines(path):\n    with open(path) as f:\n        ",
         max_tokens=40, temperature=0)
     text = resp.choices[0].text
     assert "\ufffd" not in text
