@@ -107,12 +107,16 @@ def test_legacy_format_always_includes_the_chosen_token(llm):
     assert all(len(t) == 1 for t in only_chosen.choices[0].logprobs.top_logprobs)
 
 
+def echoed_run(llm, **capture):
+    """A sampled completion with the prompt echoed; (response, every token id)."""
+    resp = llm.completions.create(prompt=PROMPT, max_tokens=6, logprobs=True, seed=1,
+                                  echo=True, raw_output=True, return_token_ids=True, **capture)
+    return resp, all_ids(resp.choices[0])
+
+
 def test_last_activation_is_the_final_norm_hidden_state(engines):
-    resp = engines.completions.create(prompt=PROMPT, max_tokens=6, logprobs=True, seed=1,
-                                      echo=True, include_last_activation=True,
-                                      raw_output=True, return_token_ids=True)
+    resp, ids = echoed_run(engines, include_last_activation=True)
     choice = resp.choices[0]
-    ids = all_ids(choice)
     with torch.no_grad():
         hidden = engines.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
     content = choice.logprobs.content
@@ -125,11 +129,8 @@ def test_last_activation_is_the_final_norm_hidden_state(engines):
 
 
 def test_routing_matrix_is_the_routers_choice(moe_llm):
-    resp = moe_llm.completions.create(prompt=PROMPT, max_tokens=6, logprobs=True, seed=1,
-                                      echo=True, include_routing_matrix=True,
-                                      raw_output=True, return_token_ids=True)
+    resp, ids = echoed_run(moe_llm, include_routing_matrix=True)
     choice = resp.choices[0]
-    ids = all_ids(choice)
     with torch.no_grad():
         out = moe_llm.model(input_ids=torch.tensor([ids]), output_router_logits=True)
     k = moe_llm.info.experts_per_token
