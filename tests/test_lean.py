@@ -6,6 +6,7 @@ import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
                           Qwen2Config)
 
+from toolkit.engine.compiled import CompiledStep, narrowest
 from toolkit.engine.lean import LeanModel, supports
 
 COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
@@ -48,6 +49,69 @@ def test_lean_matches_hf_for_prefill_and_ragged_decode(name):
             assert torch.allclose(logits[0], ref[8 + t], atol=1e-4)
             assert torch.allclose(logits[1], ref[8 + t], atol=1e-4)
             assert torch.allclose(logits[2], ref[5 + t], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_compiled_step_matches_hf_and_the_eager_forward(name):
+    """The compiled one-row step: the HF logits, and the eager forward's residual streams
+    and routing, token by token from a one-token prompt while the cache grows."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()
+    model.half().float()                  # float16-exact weights: the step keeps them narrow
+    lean = LeanModel(model)
+    step = CompiledStep(lean)
+    assert step.weights[2].dtype == torch.float16
+    ids = torch.randint(0, 97, (1, 12))
+    layers = tuple(range(len(lean.layers)))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits[0]
+        cache, eager = lean.new_cache(rows=1, capacity=2), lean.new_cache(rows=1, capacity=2)
+        for c in (cache, eager):
+            lean.forward(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), c, slice(0, 1))
+        for p in range(1, 12):
+            hidden, logits, streams, route = step(cache, ids[0, p:p + 1], p)
+            assert torch.allclose(logits[0], ref[p], atol=1e-4)
+            e_hidden, e_route, e_streams = lean.forward(
+                ids[:, p:p + 1], torch.tensor([[p]]), eager, slice(0, 1), layers)
+            assert torch.allclose(hidden, e_hidden[:, 0], atol=1e-5)
+            assert torch.allclose(streams, e_streams[:, 0], atol=1e-5)
+            assert (route is None) == (e_route is None)
+            if route is not None:
+                assert torch.equal(route[0], e_route[0][:, 0])
+                assert torch.allclose(route[1], e_route[1][:, 0], atol=1e-6)
+    assert step.compiled
+
+
+def test_narrowest_keeps_every_value_exactly():
+    halves = torch.randn(8, 8).half().float()
+    assert narrowest(halves).dtype == torch.float16
+    big = (torch.randn(8, 8) * 1e10).bfloat16().float()   # beyond float16, bfloat16-exact
+    assert narrowest(big).dtype == torch.bfloat16
+    full = torch.randn(8, 8)
+    assert narrowest(full) is full
+    for w in (halves, big):
+        assert torch.equal(narrowest(w).float(), w)
+
+
+def test_a_step_that_cannot_compile_falls_back_to_eager(llama_dir):
+    import toolkit as tk
+    kwargs = dict(prompt="def f(x):", max_tokens=6, logprobs=True, seed=1)
+    llm = tk.load(llama_dir, compile=True)
+    step = llm.engine.runner.step
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    step.fn = broken
+    with pytest.warns(RuntimeWarning, match="compiled decode step is unavailable"):
+        resp = llm.completions.create(**kwargs)
+    assert step.fn is None
+    again = llm.completions.create(**kwargs)         # quietly eager from now on
+    eager = tk.load(llama_dir, compile=False).completions.create(**kwargs)
+    for r in (resp, again):
+        assert r.choices[0].text == eager.choices[0].text
+        assert [c.logprob for c in r.choices[0].logprobs.content] == pytest.approx(
+            [c.logprob for c in eager.choices[0].logprobs.content], abs=1e-5)
 
 
 def test_unsupported_shapes_fall_back_to_hf():

@@ -25,14 +25,18 @@ def all_ids(choice):
         len(raw.completion_token_ids) - len(choice.token_ids):]
 
 
-@pytest.fixture(scope="module", params=["lean", "hf"])
+@pytest.fixture(scope="module", params=["compiled", "lean", "hf"])
 def engines(request, llama_dir):
-    return tk.load(llama_dir, lean_forward=request.param == "lean")
+    return tk.load(llama_dir, lean_forward=request.param != "hf",
+                   compile=request.param == "compiled")
 
 
 def test_engine_kind(engines):
     kind = type(engines.engine.runner).__name__
     assert kind in ("LeanRunner", "HFRunner")
+    engines.completions.create(prompt=PROMPT, max_tokens=3)
+    step = getattr(engines.engine.runner, "step", None)
+    assert (step is not None and step.compiled) == (engines.spec["compile"] is True)
 
 
 def test_generated_and_echoed_logprobs_equal_a_forward_pass(engines):

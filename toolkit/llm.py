@@ -25,7 +25,8 @@ class LLM:
     def __init__(self, target: LoadedModel, *, device: torch.device, dtype: torch.dtype,
                  draft: Optional[LoadedModel] = None, aliases: Sequence[str] = (),
                  spec: Optional[dict[str, Any]] = None,
-                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True) -> None:
+                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
+                 compile: Optional[bool] = None) -> None:
         self.target = target
         self.draft = draft
         self.device = device
@@ -33,7 +34,8 @@ class LLM:
         self.aliases = tuple(aliases)
         self.spec = spec or {}
         self.engine = Engine(target.model, target.tokenizer, target.info,
-                             prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward)
+                             prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
+                             compile=compile)
         self.request_log = RequestLog()
         self.completions = Completions(self)
 
@@ -82,19 +84,22 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
          dtype: Union[str, torch.dtype, None] = None,
          draft_model: Union[str, os.PathLike, None] = None,
          aliases: Sequence[str] = (), prefix_cache_bytes: int = 256 * 2**20,
-         lean_forward: bool = True) -> LLM:
+         lean_forward: bool = True, compile: Optional[bool] = None) -> LLM:
     """Load a model by embedded name, local folder or hub id.
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
     float32 on a CPU. `draft_model` must share the tokenizer; it proposes tokens for
     speculative decoding. `aliases` are extra names requests may use in `model`.
     `prefix_cache_bytes` bounds the prompt KV kept for reuse across requests;
-    `lean_forward=False` runs the HF forward even where the lean one applies.
+    `lean_forward=False` runs the HF forward even where the lean one applies. `compile`
+    decides whether the lean forward's single-row decode step is compiled by inductor:
+    `None` compiles it on a CPU (a one-time cost of some seconds per model shape, cached on
+    disk; decoding then runs several times faster), `False` keeps everything eager.
     """
     spec = {"name_or_path": os.fspath(name_or_path), "device": device, "dtype": dtype,
             "draft_model": None if draft_model is None else os.fspath(draft_model),
             "aliases": list(aliases), "prefix_cache_bytes": prefix_cache_bytes,
-            "lean_forward": lean_forward}
+            "lean_forward": lean_forward, "compile": compile}
     if isinstance(aliases, str):
         raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
     dev = resolve_device(device)
@@ -107,4 +112,5 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
             raise InvalidRequestError(f"draft model {draft.info.name!r} does not share the "
                                       f"tokenizer of {target.info.name!r}", "draft_model")
     return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec,
-               prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward)
+               prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
+               compile=compile)

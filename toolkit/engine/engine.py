@@ -25,9 +25,10 @@ from .text import StopStrings, token_bytes_table
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo,
-                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True) -> None:
+                 prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
+                 compile: Optional[bool] = None) -> None:
         self.info = info
-        self.runner = make_runner(model, info, lean_forward)
+        self.runner = make_runner(model, info, lean_forward, compile)
         self.pieces = token_bytes_table(tokenizer)
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -94,8 +95,7 @@ class Engine:
                 break
             fwd = self.runner.decode(state, tokens, positions, mask, job.activation_layers)
             positions = positions + mask
-            logits = self.runner.logits(fwd.hidden)
-            scored = fwd
+            logits, scored = fwd.logits, fwd
         job.timings["end"] = time.perf_counter()
 
     def _prefill(self, job: Job, state: Any, i: int, ids: list[int]

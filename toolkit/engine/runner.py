@@ -1,10 +1,11 @@
 """Model runners: the forward passes the decode loop calls, behind one small interface.
 
 `LeanRunner` runs the Llama family through `lean.LeanModel` with one preallocated KV cache
-for all rows of a request. `HFRunner` runs any other causal LM through its own HF forward,
+for all rows of a request, and single-row decode steps through `compiled.CompiledStep`. `HFRunner` runs any other causal LM through its own HF forward,
 one `DynamicCache` per row: slower, but correct for every architecture transformers knows.
 Both return final-norm hidden states (the activations the API reports, and what the logits
-are computed from) and, for MoE models, the experts each position was routed to.
+are computed from), for MoE models the experts each position was routed to, and from a
+decode step the logits.
 """
 from __future__ import annotations
 
@@ -17,25 +18,28 @@ import torch
 
 from ..models import ModelInfo
 from . import lean
+from .compiled import CompiledStep
 
 
 @dataclass
 class Forward:
     """Output of a forward over some positions: hidden [N, H]; routing experts and router
     weights [N, moe_layers, k] for MoE models; residual streams of tapped layers
-    [N, taps, H] when asked."""
+    [N, taps, H] when asked; float32 logits [N, V] from a decode step."""
 
     hidden: torch.Tensor
     experts: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
     layers: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
 
 class LeanRunner:
     supports_prefix_cache = True
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, compile: bool = False) -> None:
         self.lean = lean.LeanModel(model)
+        self.step = CompiledStep(self.lean) if compile else None
 
     def start(self, rows: int, capacity: int) -> lean.KVCache:
         return self.lean.new_cache(rows, capacity)
@@ -54,8 +58,17 @@ class LeanRunner:
     def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """One token per row; every row runs (finished ones too) so the batch stays fixed."""
+        if self.step is not None and len(tokens) == 1:
+            out = self.step(cache, tokens, int(positions[0]))
+            if out is not None:
+                hidden, logits, streams, route = out
+                experts, weights = route or (None, None)
+                layers = streams[:, list(taps)] if taps else None
+                return Forward(hidden, experts, weights, layers, logits)
         out = self.lean.forward(tokens[:, None], positions[:, None], cache, slice(None), taps)
-        return _forward(out, lambda x: x[:, 0])
+        fwd = _forward(out, lambda x: x[:, 0])
+        fwd.logits = self.logits(fwd.hidden)
+        return fwd
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lean.logits(hidden)
@@ -129,8 +142,10 @@ class HFRunner:
         live = next(o for o in outs if o is not None)
         fill = lambda get: None if get(live) is None else torch.cat(
             [get(o) if o is not None else torch.zeros_like(get(live)) for o in outs])
-        return Forward(*(fill(lambda o, f=f: getattr(o, f))
-                         for f in ("hidden", "experts", "weights", "layers")))
+        fwd = Forward(*(fill(lambda o, f=f: getattr(o, f))
+                        for f in ("hidden", "experts", "weights", "layers")))
+        fwd.logits = self.logits(fwd.hidden)
+        return fwd
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
@@ -147,8 +162,12 @@ def _forward(out: tuple, pick: Any) -> Forward:
                      for t in (hidden, experts, weights, layers)))
 
 
-def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True) -> Any:
-    """The lean runner where the architecture allows, else the HF forward."""
+def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True,
+                compile: Optional[bool] = None) -> Any:
+    """The lean runner where the architecture allows, else the HF forward. `compile=None`
+    compiles the single-row step on a CPU, where dispatch bounds small models."""
     if lean_forward and lean.supports(model):
-        return LeanRunner(model)
+        if compile is None:
+            compile = next(model.parameters()).device.type == "cpu"
+        return LeanRunner(model, compile)
     return HFRunner(model, info)
