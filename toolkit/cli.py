@@ -21,7 +21,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--info", action="store_true", help="describe the model and stop")
     args = parser.parse_args(argv)
-    llm = load(args.model, device=args.device, dtype=args.dtype)
+    # One short completion: compiling the decode step would only delay the exit.
+    llm = load(args.model, device=args.device, dtype=args.dtype, compile=False)
     print(llm)
     if args.info:
         for key, value in asdict(llm.info).items():

@@ -12,12 +12,14 @@ Batches of rows stay on the eager forward: there a matmul reads each weight once
 rows and the dispatch cost is shared, so compiling would buy little for its compile time.
 
 The step is a pure function of its inputs (weights are arguments, not captured), so models
-of the same shape share one compiled graph. It reads the cache, returns the new token's
+of the same shape share one compiled graph, compiled in the background while requests
+decode eagerly. It reads the cache, returns the new token's
 keys and values, and the caller writes them; the cache's capacity and the attended length
 are dynamic sizes, so one graph serves every length.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -94,9 +96,21 @@ def _step(weights: tuple, shape: tuple, token: torch.Tensor, position: torch.Ten
             torch.stack(new_v), route)
 
 
+def _allow_recompiles() -> None:
+    """Every model shape loaded in this process is one more graph of `_step`; dynamo's
+    default limit (8) would quietly turn the ninth back to eager. (Its config is per
+    thread, hence a call on each thread that compiles.)"""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 class CompiledStep:
-    """Runs `_step` compiled for one `LeanModel`; falls back to the eager forward for good
-    (with a warning) if inductor cannot compile on this machine."""
+    """`_step` compiled for one `LeanModel`, in a background thread from construction on.
+
+    Compiling takes seconds (tens of them on a small CPU with a cold inductor cache), so no
+    request waits for it: until it is ready, or if it fails (no C++ compiler, say), calls
+    return None and the caller runs the eager forward; a failure is reported once, as a
+    warning, on the next call.
+    """
 
     def __init__(self, lean: LeanModel) -> None:
         self.lean = lean
@@ -110,38 +124,67 @@ class CompiledStep:
                         tuple(layers))
         self.shape = (lean.num_heads, lean.kv_heads, lean.head_dim, lean.eps,
                       lean.experts_per_token)
-        # Every model shape loaded in this process is one more graph of `_step`; dynamo's
-        # default limit (8) would quietly turn the ninth back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.fn: Optional[Any] = torch.compile(_step, fullgraph=True, dynamic=False)
-        self.compiled = False              # a call has gone through the compiled graph
+        self.fn = torch.compile(_step, fullgraph=True, dynamic=False)
+        self.error: Optional[BaseException] = None
+        self._warned = False
+        self._done = threading.Event()
+        # Not a daemon: a process that ends mid-compile waits for it rather than abort.
+        threading.Thread(target=self._warm_up, name="toolkit-compile").start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether calls now run the compiled graph."""
+        return self._done.is_set() and self.error is None
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the background compile has finished; returns `ready`."""
+        self._done.wait(timeout)
+        return self.ready
+
+    def _warm_up(self) -> None:
+        """Compile by stepping a throwaway one-row cache (its sizes are marked dynamic, so
+        the graph it leaves behind serves every real cache)."""
+        _allow_recompiles()
+        try:
+            with torch.inference_mode():
+                token = torch.zeros(1, dtype=torch.long, device=self.lean.device)
+                self._run(self.lean.new_cache(rows=1, capacity=4), token, 2)
+        except Exception as err:
+            self.error = err
+        self._done.set()
 
     def __call__(self, cache: KVCache, token: torch.Tensor, position: int
                  ) -> Optional[tuple]:
         """(hidden [1, H], logits [1, V], streams [1, layers, H], routing) for the token at
-        `position` of the cache's only row, its keys and values written; None once
-        compiling has failed, for the caller to run eagerly."""
-        if self.fn is None:
+        `position` of the cache's only row, its keys and values written; None while the
+        step is compiling or if it could not be compiled."""
+        if not self._done.is_set():
             return None
-        cache.ensure(position + 1)
+        if self.error is not None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"toolkit: the compiled decode step is unavailable "
+                              f"({self.error!s:.200}); decoding with the eager forward",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        return self._run(cache, token, position)
+
+    @torch.inference_mode()
+    def _run(self, cache: KVCache, token: torch.Tensor, position: int) -> tuple:
+        _allow_recompiles()
+        token = token.clone()   # an inference tensor, as the graph was traced with
+        # Never attend over fewer than 2 slots (sizes 0 and 1 would each compile a graph),
+        # and keep the cache longer than the attended slots (equal sizes would too).
+        attended = max(position, 2)
+        cache.ensure(attended + 1)
         keys, values = cache.k[:, 0], cache.v[:, 0]
-        # Never attend over fewer than 2 slots: sizes 0 and 1 would each compile a graph.
-        length = torch.arange(max(position, 2), device=token.device) < position
+        length = torch.arange(attended, device=token.device) < position
         for t in (keys, values):
             torch._dynamo.mark_dynamic(t, 2)
         torch._dynamo.mark_dynamic(length, 0)
         pos = torch.tensor([position], device=token.device)
-        try:
-            hidden, logits, streams, k, v, route = self.fn(
-                self.weights, self.shape, token, pos, keys, values, length)
-        except Exception as err:   # no C++ compiler, unsupported op, ...: stay correct
-            if self.compiled:
-                raise
-            warnings.warn(f"toolkit: the compiled decode step is unavailable ({err!s:.200}); "
-                          "decoding with the eager forward", RuntimeWarning, stacklevel=2)
-            self.fn = None
-            return None
-        self.compiled = True
+        hidden, logits, streams, k, v, route = self.fn(self.weights, self.shape, token, pos,
+                                                       keys, values, length)
         keys[:, :, position] = k.to(keys.dtype)
         values[:, :, position] = v.to(values.dtype)
         dtype = self.lean.dtype
