@@ -69,13 +69,20 @@ def moe_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-mixtral", kind="mixtral")
 
 
+def compiled(llm):
+    """The engine as users get it once its decode step has compiled: single-row requests
+    run the compiled step (the eager forward has tests of its own)."""
+    assert llm.engine.runner.step.wait(timeout=600), llm.engine.runner.step.error
+    return llm
+
+
 @pytest.fixture(scope="session")
 def llm(llama_dir):
     import toolkit as tk
-    return tk.load(llama_dir)
+    return compiled(tk.load(llama_dir))
 
 
 @pytest.fixture(scope="session")
 def moe_llm(moe_dir):
     import toolkit as tk
-    return tk.load(moe_dir)
+    return compiled(tk.load(moe_dir))
