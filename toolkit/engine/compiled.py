@@ -13,20 +13,20 @@ rows and the dispatch cost is shared, so compiling would buy little for its comp
 
 The step is a pure function of its inputs (weights are arguments, not captured), so models
 of the same shape share one compiled graph, compiled in the background while requests
-decode eagerly. It reads the cache, returns the new token's
-keys and values, and the caller writes them; the cache's capacity and the attended length
-are dynamic sizes, so one graph serves every length.
+decode eagerly. It reads the cache, returns the new token's keys and values, and the
+caller writes them; the cache's capacity and the attended length are dynamic sizes, so one
+graph serves every length.
 """
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .lean import KVCache, LeanModel, _rope
+from .lean import KVCache, LeanModel, rope
 
 
 def narrowest(w: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _step(weights: tuple, shape: tuple, token: torch.Tensor, position: torch.Ten
         if qkv_bias is not None:
             a = a + qkv_bias.float()
         a = a.view(heads + 2 * kv, dim)
-        qk = _rope(a[:heads + kv], cos, sin)
+        qk = rope(a[:heads + kv], cos, sin)
         q, k, v = qk[:heads].view(kv, heads // kv, dim), qk[heads:], a[heads + kv:]
         new_k.append(k)
         new_v.append(v)

@@ -164,7 +164,7 @@ class LeanModel:
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln_in, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(B, T, H + 2 * KV, D)
-            qk = _rope(qkv[:, :, :H + KV].transpose(1, 2), cos, sin)   # q and k in one go
+            qk = rope(qkv[:, :, :H + KV].transpose(1, 2), cos, sin)   # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, :, H + KV:].transpose(1, 2)
             keys_i, values_i = cache.k[i, rows], cache.v[i, rows]    # views [B, kv, C, D]
@@ -206,7 +206,7 @@ class LeanModel:
         return out, (experts, weights)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
