@@ -74,6 +74,11 @@ def test_draft_agrees_with_tiny_code(zoo, heldout):
     assert agreement >= 0.5
 
 
+def test_draft_is_clearly_weaker(zoo, heldout):
+    dense = ev.perplexity(zoo["tiny-code"].model, heldout)
+    assert ev.perplexity(zoo["tiny-code-draft"].model, heldout) >= 1.1 * dense
+
+
 def test_moe_has_no_dead_experts(zoo, heldout):
     usage = ev.expert_usage(zoo["tiny-code-moe"].model, heldout)
     assert usage.shape == (4, 8)
