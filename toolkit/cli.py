@@ -13,7 +13,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help="embedded model name, local folder or hub id")
-    parser.add_argument("--prompt", default="def read_lines(path):\n    with open(path) as f:\n        ")
+    parser.add_argument("--prompt",
+                        default="def read_lines(path):\n    with open(path) as f:\n        ")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,9 @@
 """Model runners: the forward passes the decode loop calls, behind one small interface.
 
 `LeanRunner` runs the Llama family through `lean.LeanModel` with one preallocated KV cache
-for all rows of a request, and single-row decode steps through `compiled.CompiledStep`. `HFRunner` runs any other causal LM through its own HF forward,
-one `DynamicCache` per row: slower, but correct for every architecture transformers knows.
+for all rows of a request, and single-row decode steps through `compiled.CompiledStep`.
+`HFRunner` runs any other causal LM through its own HF forward, one `DynamicCache` per row:
+slower, but correct for every architecture transformers knows.
 Both return final-norm hidden states (the activations the API reports, and what the logits
 are computed from), for MoE models the experts each position was routed to, and from a
 decode step the logits.
