@@ -47,3 +47,17 @@ class NotFoundError(APIError, LookupError):
     status_code = 404
     type = "invalid_request_error"
     code = "NOT_FOUND"
+
+
+def brief(value: Any) -> str:
+    """A value as an error message shows it: a bounded repr, long values cut, integers too
+    long to print (Python refuses past 4300 digits) described by their size, lone
+    surrogates escaped so the message encodes as UTF-8."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = repr(value)
+    except ValueError:              # a huge integer inside a container
+        text = f"a {type(value).__name__} holding an integer too long to print"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator, model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, brief
 
 TokenId = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(ge=0, le=1)]
@@ -28,7 +28,8 @@ REASONING_EFFORTS = ("low", "medium", "high", "none")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and infinities are not JSON, and no knob means anything at them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ResponseFormat(_Request):
@@ -147,10 +148,11 @@ class CompletionRequest(_Request):
             return bias
         out = {}
         for key, value in bias.items():
-            if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 2**63:
                 key = str(key)
-            if not (isinstance(key, str) and re.fullmatch(r"\d+", key)):
-                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}",
+            if not (isinstance(key, str) and re.fullmatch(r"\d{1,18}", key)):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got "
+                                          f"{brief(key)}",
                                           "logit_bias")
             out[key] = value
         return out
@@ -229,12 +231,42 @@ _EXPECTED = {
 }
 
 
-def validate_request(fields: dict[str, Any]) -> CompletionRequest:
+def validate_request(fields: Any) -> CompletionRequest:
     """Validate request fields; raise `InvalidRequestError` naming the first bad one."""
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        raise InvalidRequestError("a request is a mapping of field names to values, got "
+                                  f"{brief(fields)}", "request")
+    for name, value in fields.items():
+        if name not in CompletionRequest.model_fields:
+            shown = name.encode("utf-8", "backslashreplace").decode("utf-8")[:80]
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {shown}",
+                                      name)
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise InvalidRequestError(f"'{name}' holds a string that is not valid Unicode (a "
+                                      f"lone surrogate, {where}); it cannot be encoded as "
+                                      f"UTF-8", name)
     try:
         return CompletionRequest.model_validate(fields)
     except ValidationError as exc:
         raise _as_invalid_request(exc) from None
+
+
+def _lone_surrogate(value: Any) -> Optional[str]:
+    """Where a string in `value` (at any depth, keys included) holds a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"at index {err.start}"
+        return None
+    if isinstance(value, dict):
+        parts: Any = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple)):
+        parts = value
+    else:
+        return None
+    return next((w for w in map(_lone_surrogate, parts) if w is not None), None)
 
 
 def _as_invalid_request(exc: ValidationError) -> InvalidRequestError:
@@ -246,33 +278,21 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequestError:
     if err["type"] == "extra_forbidden":
         where = "" if len(err["loc"]) == 1 else f" in '{param}'"
         return InvalidRequestError(
-            f"Unrecognized request argument supplied{where}: {err['loc'][-1]}", param)
+            f"Unrecognized request argument supplied{where}: {brief(err['loc'][-1])}", param)
     if err["type"] == "missing":
         return InvalidRequestError(f"Missing required field '{param}'", param)
     if param in _EXPECTED:
         return InvalidRequestError(f"'{param}' must be {_EXPECTED[param]}; "
-                                   f"got {_short(err['input'])}", param)
+                                   f"got {brief(err['input'])}", param)
     where = ".".join(str(part) for part in err["loc"])
     return InvalidRequestError(f"Invalid value for '{where}': {err['msg']}; "
-                               f"got {_short(err['input'])}", param)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+                               f"got {brief(err['input'])}", param)
 
 
 # ----------------------------------------------------------------------------- responses
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class _WithDetails(_Response):
-    # Per-token numbers the wire has no room for (rank, entropy, router weights, prompt
-    # positions), kept beside a local response for the frames by choice index; never
-    # dumped, so the wire JSON stays the hosted API's. Frames work without them.
-    _details: dict[int, Any] = PrivateAttr(default_factory=dict)
 
 
 class TopLogprob(_Response):
@@ -354,9 +374,8 @@ class Usage(_Response):
 PerfMetrics = dict[str, Union[int, float, str]]
 
 
-class Completion(_WithDetails):
-    """The response of a non-streaming request. The frame helpers of `toolkit.frames` are
-    methods too: `resp.tokens()`, `resp.top_logprobs()`, ..."""
+class Completion(_Response):
+    """The response of a non-streaming request."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -367,7 +386,7 @@ class Completion(_WithDetails):
     perf_metrics: Optional[PerfMetrics] = None
 
 
-class CompletionChunk(_WithDetails):
+class CompletionChunk(_Response):
     """One server-sent event of a streaming request; `choices` hold only new text."""
 
     id: str
@@ -377,16 +396,3 @@ class CompletionChunk(_WithDetails):
     choices: list[Choice]
     usage: Optional[Usage] = None
     perf_metrics: Optional[PerfMetrics] = None
-
-
-def _frame_method(name: str) -> Any:
-    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        from . import frames
-        return getattr(frames, name)(self, *args, **kwargs)
-    method.__name__ = name
-    method.__doc__ = f"`toolkit.frames.{name}` of this response."
-    return method
-
-
-for _name in ("tokens", "top_logprobs", "activations", "routing", "perf", "choices"):
-    setattr(Completion, _name, _frame_method(_name))
