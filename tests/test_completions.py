@@ -119,7 +119,7 @@ def test_streaming_concatenates_to_the_whole_response(llm, kw):
         assert finish[choice.index] == choice.finish_reason
         if choice.logprobs is not None:
             assert content[choice.index] == choice.logprobs.content
-    assert chunks[-1].usage == whole.usage and not chunks[-1].choices
+    assert chunks[-1].usage == whole.usage and chunks[-1].choices[0].finish_reason
 
 
 def test_stream_holds_back_a_possible_stop_string(llm):
@@ -213,7 +213,7 @@ def test_bad_requests_raise_and_leave_the_engine_usable(llm, fields, param):
     with pytest.raises(InvalidRequestError) as info:
         llm.completions.create(**{"prompt": PROMPT, "max_tokens": 2, **fields})
     assert info.value.param == param
-    assert not llm.engine.lock.locked() and llm.engine.waiting == 0
+    assert llm.engine.in_flight == 0
     assert greedy(llm, max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
@@ -230,30 +230,31 @@ def test_model_names_and_aliases(llama_dir):
 def test_closing_a_stream_early_frees_the_engine(llm):
     before = len(llm.request_log)
     stream = llm.completions.create(prompt=PROMPT, max_tokens=50, stream=True)
+    assert llm.engine.in_flight == 0          # a stream starts when first iterated
     next(stream), next(stream)
-    assert llm.engine.lock.locked()
+    assert llm.engine.in_flight == 1
     stream.close()
-    assert not llm.engine.lock.locked() and llm.engine.waiting == 0
     assert llm.request_log.entries[before]["status"] == "cancelled"
     assert greedy(llm, max_tokens=2).usage.completion_tokens == 2
+    assert llm.engine.in_flight == 0
 
 
-def test_keyboard_interrupt_mid_generation_leaves_no_state(llama_dir, monkeypatch):
-    llm = tk.load(llama_dir)
+def test_an_error_in_the_forward_reaches_the_caller(llama_dir, monkeypatch):
+    llm = tk.load(llama_dir, compile=False)
     calls = {"n": 0}
     decode = llm.engine.runner.decode
 
-    def interrupted(*args, **kwargs):
+    def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            raise RuntimeError("out of memory (simulated)")
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(llm.engine.runner, "decode", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(llm.engine.runner, "decode", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
         llm.completions.create(prompt=PROMPT, max_tokens=20)
-    assert not llm.engine.lock.locked() and llm.engine.waiting == 0
-    assert llm.request_log.entries[-1]["status"] == "cancelled"
+    assert llm.engine.in_flight == 0
+    assert llm.request_log.entries[-1]["status"] == "error"
     assert greedy(llm, max_tokens=4).usage.completion_tokens == 4
 
 

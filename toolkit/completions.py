@@ -3,7 +3,11 @@
 Everything about a request is checked before the engine starts (nothing half-runs): the
 fields by the schema, then what depends on the model (token ids in the vocabulary, the
 context window, features the model has). A stream is validated eagerly too: `create`
-raises at once, and only then hands back the iterator.
+raises at once, and only then hands back the iterator, whose job starts when it is first
+iterated.
+
+The engine answers with `Update`s; this layer keeps each choice's tokens and what of it
+has been streamed, and turns them into responses and chunks.
 """
 from __future__ import annotations
 
@@ -11,16 +15,20 @@ import dataclasses
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 from typing import Sequence as SequenceOf
 
+from .engine.outputs import Capture, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
-from .engine.sequence import Job, Sequence
+from .engine.sequence import Job
 from .engine.text import StopStrings
-from .errors import InvalidRequestError
-from .responses import (ChoiceDetails, TokenText, choice_logprobs, content_entries, details,
-                        perf_metrics, raw_output, usage, wants_content)
-from .schema import Choice, Completion, CompletionChunk, CompletionRequest, validate_request
+from .errors import InvalidRequestError, brief
+from .frames import ChoiceDetails
+from .responses import (LocalChunk, LocalCompletion, TokenText, choice_logprobs,
+                        content_entries, details, perf_metrics, raw_output, usage,
+                        wants_content)
+from .schema import Choice, CompletionRequest, validate_request
 
 if TYPE_CHECKING:
     from .llm import LLM
@@ -39,17 +47,20 @@ class Completions:
     def __init__(self, llm: "LLM") -> None:
         self._llm = llm
 
-    def create(self, **fields: Any) -> Union[Completion, Iterator[CompletionChunk]]:
+    def create(self, /, **fields: Any) -> Union[LocalCompletion, Iterator[LocalChunk]]:
         """Run a completion request; every field of the hosted API is accepted."""
         run = self._prepare(fields, time.perf_counter())
         return run.stream() if run.req.stream else run.complete()
 
-    def create_batch(self, requests: SequenceOf[dict[str, Any]]) -> list[Completion]:
+    def create_batch(self, requests: SequenceOf[dict[str, Any]]) -> list[LocalCompletion]:
         """Run several whole (non-streaming) requests. Those that differ only in sampling
         knobs and seed share one decode loop, each row keeping its own knobs and seed
         stream, so the results equal one `create` per request at a fraction of the cost:
         a sweep over knobs costs about one request per prompt setting."""
         started = time.perf_counter()
+        if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__"):
+            raise InvalidRequestError(f"create_batch takes a list of requests, got "
+                                      f"{brief(requests)}", "request")
         runs = [self._prepare(fields, started) for fields in requests]
         if any(run.req.stream for run in runs):
             raise InvalidRequestError("create_batch returns whole responses: stream must be "
@@ -61,7 +72,7 @@ class Completions:
             _run_together(self._llm, group)
         return [run.response() for run in runs]
 
-    def _prepare(self, fields: dict[str, Any], started: float) -> "_Run":
+    def _prepare(self, fields: Any, started: float) -> "_Run":
         """Validate a request against the schema and the model, and plan its engine job."""
         req = validate_request(fields)
         model = self._llm.resolve_model(req.model)
@@ -72,7 +83,8 @@ class Completions:
     def _check_features(self, req: CompletionRequest) -> None:
         info = self._llm.info
         for name, what in _NOT_YET.items():
-            if getattr(req, name) not in (None, [], False):
+            value = getattr(req, name)
+            if value is not None and not (name == "images" and value == []):
                 raise InvalidRequestError(f"{what} is not supported by this engine yet", name)
         if req.response_format is not None and req.response_format.type != "text":
             raise InvalidRequestError("response_format other than 'text' is not supported by "
@@ -86,15 +98,15 @@ class Completions:
                                           f"logprobs=true, not an integer", flag)
         for layer in req.activation_layers or []:
             if not -info.num_layers <= layer < info.num_layers:
-                raise InvalidRequestError(f"activation_layers: layer {layer} does not exist; "
-                                          f"{info.name} has {info.num_layers}",
+                raise InvalidRequestError(f"activation_layers: layer {brief(layer)} does not "
+                                          f"exist; {info.name} has {info.num_layers}",
                                           "activation_layers")
         for token in req.logit_bias or {}:
             if int(token) >= info.vocab_size:
                 raise InvalidRequestError(f"logit_bias token id {token} is outside the "
                                           f"vocabulary of {info.vocab_size}", "logit_bias")
 
-    def _tokenize(self, req: CompletionRequest) -> list[list[int]]:
+    def _tokenize(self, req: CompletionRequest) -> list[tuple[int, ...]]:
         vocab = self._llm.info.vocab_size
         prompts = []
         for p in req.prompts:
@@ -103,9 +115,9 @@ class Completions:
                 raise InvalidRequestError("prompt is empty (and the tokenizer adds no BOS "
                                           "token)", "prompt")
             if max(ids) >= vocab:
-                raise InvalidRequestError(f"prompt token id {max(ids)} is outside the "
+                raise InvalidRequestError(f"prompt token id {brief(max(ids))} is outside the "
                                           f"vocabulary of {vocab}", "prompt")
-            prompts.append(ids)
+            prompts.append(tuple(ids))
         return prompts
 
     def _plan(self, req: CompletionRequest) -> Job:
@@ -120,63 +132,74 @@ class Completions:
             if len(ids) + req.max_new_tokens > window and \
                     req.context_length_exceeded_behavior == "error":
                 raise InvalidRequestError(
-                    f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_new_tokens}) "
-                    f"exceeds the context window of {window}", "max_tokens")
+                    f"prompt ({len(ids)} tokens) plus max_tokens ({brief(req.max_new_tokens)})"
+                    f" exceeds the context window of {window}", "max_tokens")
             max_new.append(min(req.max_new_tokens, window - len(ids)))
         echo = [len(ids) if req.echo else min(req.echo_last or 0, len(ids)) for ids in prompts]
-        params = SamplingParams(
-            temperature=_or(req.temperature, 1.0), top_k=_or(req.top_k, 0),
-            top_p=_or(req.top_p, 1.0), min_p=_or(req.min_p, 0.0),
-            typical_p=_or(req.typical_p, 1.0),
-            frequency_penalty=_or(req.frequency_penalty, 0.0),
-            presence_penalty=_or(req.presence_penalty, 0.0),
-            repetition_penalty=_or(req.repetition_penalty, 1.0),
-            mirostat_target=req.mirostat_target, mirostat_lr=_or(req.mirostat_lr, 0.1),
-            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()})
+        knobs = {**vars(req), "logit_bias": {int(k): v for k, v in
+                                             (req.logit_bias or {}).items()}}
+        params = SamplingParams.from_fields(knobs)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         rows = [(i, j) for i in range(len(prompts)) for j in range(req.n)]
-        return Job(prompts=prompts, n=req.n, params=[params] * len(rows),
-                   seeds=[row_seed(seed, i, j) for i, j in rows], max_new=max_new, echo=echo,
-                   top_n=req.num_top_logprobs,
-                   capture_hidden=req.include_last_activation,
-                   capture_routing=req.include_routing_matrix,
-                   activation_layers=tuple(dict.fromkeys(
-                       layer % info.num_layers for layer in req.activation_layers or [])),
-                   stops=req.stop_sequences, eos_ids=frozenset(info.eos_token_ids),
+        layers = tuple(dict.fromkeys(layer % info.num_layers
+                                     for layer in req.activation_layers or []))
+        return Job(prompts=tuple(prompts), n=req.n, params=(params,) * len(rows),
+                   seeds=tuple(row_seed(seed, i, j) for i, j in rows),
+                   max_new=tuple(max_new), echo=tuple(echo),
+                   capture=Capture(scores=wants_content(req), top_n=req.num_top_logprobs,
+                                   hidden=req.include_last_activation,
+                                   routing=req.include_routing_matrix, layers=layers),
+                   stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len)
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 def _run_together(llm: "LLM", runs: list["_Run"]) -> None:
-    """Run requests with the same `Job.batch_key` as one engine job, then hand each its
-    rows back, renumbered as if it had run alone."""
+    """Run requests with the same `Job.batch_key` as one engine job; each takes its own
+    rows of every update, renumbered as if it had run alone."""
     jobs = [run.job for run in runs]
     merged = dataclasses.replace(
-        jobs[0], prompts=[p for j in jobs for p in j.prompts],
-        params=[p for j in jobs for p in j.params], seeds=[s for j in jobs for s in j.seeds],
-        max_new=[m for j in jobs for m in j.max_new], echo=[e for j in jobs for e in j.echo],
-        cached_tokens=[], echoes=[], timings={})
-    status, steps, seqs = "cancelled", llm.engine.run(merged), []
+        jobs[0], prompts=tuple(p for j in jobs for p in j.prompts),
+        params=tuple(p for j in jobs for p in j.params),
+        seeds=tuple(s for j in jobs for s in j.seeds),
+        max_new=tuple(m for j in jobs for m in j.max_new),
+        echo=tuple(e for j in jobs for e in j.echo))
+    handle = llm.engine.submit(merged)
+    status = "cancelled"
     try:
-        for changed in steps:
-            seqs = seqs or changed
-        status = "completed"
+        for update in handle:
+            for k, run in enumerate(runs):
+                run.apply(update, k)
+            if update.done:
+                status = "completed"
+    except Exception:
+        status = "error"
+        raise
     finally:
-        steps.close()
-        prompts, rows = len(jobs[0].prompts), jobs[0].rows
-        for r, run in enumerate(runs):
-            run.job.timings = dict(merged.timings)
-            run.job.echoes = merged.echoes[r * prompts:(r + 1) * prompts]
-            run.job.cached_tokens = merged.cached_tokens[r * prompts:(r + 1) * prompts]
-            run.seqs = seqs[r * rows:(r + 1) * rows]
-            for s in run.seqs:
-                s.index -= r * rows
-                s.prompt_index -= r * prompts
-            run._log(status)
+        handle.close()
+        for run in runs:
+            run.concurrent = handle.concurrent
+            run.log(status)
+
+
+@dataclass
+class _ChoiceState:
+    """One choice as this layer builds it from updates, and how much of it was streamed."""
+
+    index: int
+    prompt_index: int
+    out: TokenLog = field(default_factory=TokenLog)
+    finish_reason: Optional[str] = None
+    stop_at: Optional[int] = None         # where a stop string begins in the text
+    opened: bool = False                  # has had its first chunk
+    streamed_text: int = 0                # characters already sent in chunks
+    streamed_tokens: int = 0              # tokens already sent in chunks
+
+    @property
+    def text(self) -> str:
+        """The returned text: generated text up to any stop string."""
+        text = self.out.text.text
+        return text if self.stop_at is None else text[:self.stop_at]
 
 
 class _Run:
@@ -189,108 +212,150 @@ class _Run:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.names = TokenText(llm.engine.pieces)
-        self.concurrent = llm.engine.waiting + 1
         self.stops = StopStrings(req.stop_sequences)
-        self.seqs: list[Sequence] = []
-        self.opened: set[int] = set()       # rows that have had their first chunk
+        self.choices = [_ChoiceState(r, r // job.n) for r in range(job.rows)]
+        self.echoes = [TokenLog() for _ in job.prompts]
+        self.cached = [0] * len(job.prompts)
+        self.timings: dict[str, float] = {}
+        self.concurrent = 1
 
-    def complete(self) -> Completion:
+    def apply(self, update: Update, part: int = 0) -> list[_ChoiceState]:
+        """Take this request's share of an update (the `part`-th of a merged job) and
+        return the choices it changed."""
+        rows, prompts = self.job.rows, len(self.job.prompts)
+        self.timings = update.timings
+        if update.echoes is not None:
+            for log, tokens in zip(self.echoes, update.echoes[part * prompts:]):
+                for token in tokens:
+                    log.add(token)
+                log.text.finish()
+            self.cached = list(update.cached_tokens[part * prompts:(part + 1) * prompts])
+        changed = []
+        for row in update.rows:
+            if not part * rows <= row.index < (part + 1) * rows:
+                continue
+            c = self.choices[row.index - part * rows]
+            for token in row.tokens:
+                c.out.add(token)
+            if row.finish_reason is not None:
+                c.finish_reason, c.stop_at = row.finish_reason, row.stop_at
+                c.out.text.finish()
+            changed.append(c)
+        return changed
+
+    def complete(self) -> LocalCompletion:
         _run_together(self.llm, [self])
         return self.response()
 
-    def response(self) -> Completion:
-        resp = Completion(id=self.id, created=self.created, model=self.model,
-                          choices=[self._choice(s) for s in self.seqs],
-                          usage=usage(self.job, self.seqs), perf_metrics=self._perf())
-        resp._details = {s.index: self._details(s, 0, len(s.out), True) for s in self.seqs}
-        return resp
+    def response(self) -> LocalCompletion:
+        return LocalCompletion(
+            id=self.id, created=self.created, model=self.model,
+            choices=[self._choice(c) for c in self.choices], usage=self._usage(),
+            perf_metrics=self._perf(),
+            details={c.index: self._details(c, 0, len(c.out), True) for c in self.choices})
 
-    def stream(self) -> Iterator[CompletionChunk]:
-        status, steps = "cancelled", self.llm.engine.run(self.job)
+    def stream(self) -> Iterator[LocalChunk]:
+        handle = self.llm.engine.submit(self.job)
+        self.concurrent = handle.concurrent
+        status = "cancelled"
         try:
-            for changed in steps:
-                if not self.seqs:   # after the prefill: only echoes and finished rows
-                    self.seqs = changed
-                    changed = [s for s in changed if s.finished or self.job.echo[s.prompt_index]]
-                for s in changed:
-                    first, start = s.index not in self.opened, s.streamed_tokens
-                    chunk = self._chunk([self._choice_delta(s)])
-                    chunk._details = {s.index: self._details(s, start, len(s.out), first)}
-                    yield chunk
-            status = "completed"
-            yield self._chunk([], usage=usage(self.job, self.seqs), perf=self._perf())
+            for update in handle:
+                changed = self.apply(update)
+                if update.echoes is not None:    # after the prefill: echoes, finished rows
+                    changed = [c for c in self.choices
+                               if c.finish_reason or self.job.echo[c.prompt_index]]
+                if update.done:
+                    status = "completed"
+                for k, c in enumerate(changed):
+                    yield self._chunk(c, last=update.done and k == len(changed) - 1)
+        except Exception:
+            status = "error"
+            raise
         finally:
-            steps.close()
-            self._log(status)
+            handle.close()
+            self.log(status)
 
     # ---------------------------------------------------------------- choices and chunks
 
-    def _echo_text(self, s: Sequence) -> str:
-        return self.job.echoes[s.prompt_index].text.text
-
-    def _entries(self, s: Sequence, start: int, end: int, with_echo: bool) -> list:
-        echo = self.job.echoes[s.prompt_index]
-        shift = len(echo.text.text)
+    def _entries(self, c: _ChoiceState, start: int, end: int, with_echo: bool) -> list:
+        echo = self.echoes[c.prompt_index]
         entries = content_entries(echo, 0, len(echo), 0, self.names, False) if with_echo \
             else []
-        return entries + content_entries(s.out, start, end, shift, self.names, True)
+        return entries + content_entries(c.out, start, end, len(echo.text.text), self.names,
+                                         True)
 
-    def _details(self, s: Sequence, start: int, end: int, with_echo: bool) -> ChoiceDetails:
-        echo, prompt = self.job.echoes[s.prompt_index], self.job.prompts[s.prompt_index]
-        logs = ([(echo, 0, len(echo))] if with_echo else []) + [(s.out, start, end)]
+    def _details(self, c: _ChoiceState, start: int, end: int, with_echo: bool
+                 ) -> ChoiceDetails:
+        echo, prompt = self.echoes[c.prompt_index], self.job.prompts[c.prompt_index]
+        logs = ([(echo, 0, len(echo))] if with_echo else []) + [(c.out, start, end)]
         first = len(prompt) - len(echo) if with_echo else len(prompt) + start
-        return details(s.prompt_index, len(prompt), logs, first, self.job.activation_layers,
+        return details(c.prompt_index, len(prompt), logs, first, self.job.capture.layers,
                        self.llm.info.num_layers)
 
-    def _choice(self, s: Sequence) -> Choice:
-        req, echo = self.req, self.job.echoes[s.prompt_index]
-        entries = self._entries(s, 0, len(s.out), True) if wants_content(req) else None
+    def _raw_output(self, c: _ChoiceState, entries: Optional[list]) -> Any:
+        if not self.req.raw_output:
+            return None
+        return raw_output(self.req, self.job, c.prompt_index, c.out,
+                          self.echoes[c.prompt_index], entries)
+
+    def _choice(self, c: _ChoiceState) -> Choice:
+        req = self.req
+        entries = self._entries(c, 0, len(c.out), True) if wants_content(req) else None
         return Choice(
-            index=s.index, text=self._echo_text(s) + s.text, finish_reason=s.finish_reason,
+            index=c.index, text=self.echoes[c.prompt_index].text.text + c.text,
+            finish_reason=c.finish_reason,
             logprobs=None if entries is None else choice_logprobs(req, entries),
-            raw_output=raw_output(req, self.job, s, echo, entries) if req.raw_output else None,
-            prompt_token_ids=self.job.prompts[s.prompt_index] if req.return_token_ids
+            raw_output=self._raw_output(c, entries),
+            prompt_token_ids=list(self.job.prompts[c.prompt_index]) if req.return_token_ids
             else None,
-            token_ids=s.out.ids if req.return_token_ids else None)
+            token_ids=c.out.ids if req.return_token_ids else None)
 
-    def _choice_delta(self, s: Sequence) -> Choice:
-        """What is new for a row since its last chunk: text that can no longer turn into a
-        stop string, the tokens generated since, and the finish reason once finished."""
-        req, first = self.req, s.index not in self.opened
-        self.opened.add(s.index)
-        text = s.text if s.finished else s.out.text.text
-        upto = len(text) if s.finished else len(text) - self.stops.holdback(text)
-        delta = (self._echo_text(s) if first else "") + text[s.streamed_text:upto]
-        start, end = s.streamed_tokens, len(s.out)
-        s.streamed_text, s.streamed_tokens = max(upto, s.streamed_text), end
-        entries = self._entries(s, start, end, first) if wants_content(req) else None
-        return Choice(index=s.index, text=delta, finish_reason=s.finish_reason,
-                      logprobs=None if entries is None else choice_logprobs(req, entries),
-                      prompt_token_ids=self.job.prompts[s.prompt_index]
-                      if req.return_token_ids and first else None,
-                      token_ids=s.out.ids[start:end] if req.return_token_ids else None)
+    def _chunk(self, c: _ChoiceState, last: bool) -> LocalChunk:
+        """A chunk with what is new for a choice since its last one: text that can no
+        longer turn into a stop string, the tokens generated since, and once finished its
+        finish reason and raw output; the request's last chunk carries usage and perf."""
+        req, first = self.req, not c.opened
+        c.opened = True
+        text = c.text if c.finish_reason else c.out.text.text
+        upto = len(text) if c.finish_reason else len(text) - self.stops.holdback(text)
+        delta = (self.echoes[c.prompt_index].text.text if first else "") + \
+            text[c.streamed_text:upto]
+        start, end = c.streamed_tokens, len(c.out)
+        c.streamed_text, c.streamed_tokens = max(upto, c.streamed_text), end
+        entries = self._entries(c, start, end, first) if wants_content(req) else None
+        choice = Choice(
+            index=c.index, text=delta, finish_reason=c.finish_reason,
+            logprobs=None if entries is None else choice_logprobs(req, entries),
+            raw_output=self._raw_output(c, self._entries(c, 0, end, True)
+                                        if wants_content(req) else None)
+            if c.finish_reason else None,
+            prompt_token_ids=list(self.job.prompts[c.prompt_index])
+            if req.return_token_ids and first else None,
+            token_ids=c.out.ids[start:end] if req.return_token_ids else None)
+        return LocalChunk(id=self.id, created=self.created, model=self.model,
+                          choices=[choice], usage=self._usage() if last else None,
+                          perf_metrics=self._perf() if last else None,
+                          details={c.index: self._details(c, start, end, first)})
 
-    def _chunk(self, choices: list[Choice], usage: Any = None, perf: Any = None
-               ) -> CompletionChunk:
-        return CompletionChunk(id=self.id, created=self.created, model=self.model,
-                               choices=choices, usage=usage, perf_metrics=perf)
+    def _usage(self) -> Any:
+        return usage(self.job, sum(len(c.out) for c in self.choices), sum(self.cached))
 
     def _perf(self) -> Any:
         if not self.req.perf_metrics_in_response:
             return None
-        return perf_metrics(self.job, self.model, self.started, self.tokenized,
-                            self.concurrent, self.seqs)
+        return perf_metrics(self.job, self.timings, self.model, self.started, self.tokenized,
+                            self.concurrent, sum(self.cached))
 
-    def _log(self, status: str) -> None:
-        req, job = self.req, self.job
-        timings = perf_metrics(job, self.model, self.started, self.tokenized,
-                               self.concurrent, self.seqs) if "prefill_end" in job.timings \
-            else {}
+    def log(self, status: str) -> None:
+        req = self.req
+        timings = perf_metrics(self.job, self.timings, self.model, self.started,
+                               self.tokenized, self.concurrent, sum(self.cached)) \
+            if "prefill_end" in self.timings else {}
         self.llm.request_log.record({
             "id": self.id, "created": self.created, "model": self.model, "status": status,
             "user": req.user, "metadata": req.metadata,
             "params": req.model_dump(exclude_none=True, exclude_defaults=True),
-            "usage": usage(job, self.seqs).model_dump() if self.seqs else None,
-            "finish_reasons": [s.finish_reason for s in self.seqs],
+            "usage": self._usage().model_dump() if self.timings else None,
+            "finish_reasons": [c.finish_reason for c in self.choices],
             "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))},
         })

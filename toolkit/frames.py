@@ -2,10 +2,11 @@
 produced, or of JSON parsed back into a response; no model access.
 
 Everything on the wire lands in a frame. A response made in-process also carries details
-the wire has no room for (each token's rank and the entropy of its distribution, the router
-weights, prompt positions); from a response without them (one parsed from JSON) the frames
-take what the wire gives: ranks from the top alternatives where the token is among them,
-NaN elsewhere.
+the wire has no room for (`ChoiceDetails`: each token's rank and the entropy of its
+distribution, the router weights, prompt positions, tapped layers); from a response without
+them (one parsed from JSON) the frames take what the wire gives: ranks from the top
+alternatives where the token is among them, NaN elsewhere. Local responses have the frame
+functions as methods too (`resp.tokens()`), through the `FrameMethods` mixin.
 """
 from __future__ import annotations
 
@@ -19,8 +20,56 @@ import pandas as pd
 from .captures import decode_activation, decode_routing
 from .schema import Completion, CompletionChunk, LegacyLogprobs, LogprobsContent
 
-Response = Union[Completion, Sequence[CompletionChunk]]
+Response = Union[Completion, CompletionChunk, Sequence[CompletionChunk]]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class ChoiceDetails:
+    """What the frames know of a choice's tokens beyond the wire: where they sit in the
+    sequence the model saw, each token's rank and the entropy of its distribution, the
+    router weights of its routing matrix and the residual streams of tapped layers."""
+
+    prompt_index: int
+    prompt_tokens: int                 # length of the prompt the model saw
+    start: int                         # position of the first token in the content
+    ranks: list[Optional[int]]
+    entropies: list[Optional[float]]
+    router_weights: list[Optional[list[list[float]]]]
+    layer_ids: tuple[int, ...] = ()    # `activation_layers`, as non-negative indices
+    num_layers: int = 0
+    layers: list[Optional[np.ndarray]] = field(default_factory=list)   # [taps, hidden]
+
+
+class FrameMethods:
+    """The frame functions as methods of a local response (or chunk). Classes using it
+    have a `details` mapping of choice index to `ChoiceDetails`."""
+
+    details: dict[int, ChoiceDetails]
+
+    def tokens(self) -> pd.DataFrame:
+        """`toolkit.frames.tokens` of this response."""
+        return tokens(self)
+
+    def top_logprobs(self) -> pd.DataFrame:
+        """`toolkit.frames.top_logprobs` of this response."""
+        return top_logprobs(self)
+
+    def activations(self, layer: Optional[int] = None) -> pd.DataFrame:
+        """`toolkit.frames.activations` of this response."""
+        return activations(self, layer)
+
+    def routing(self, experts_per_token: Optional[int] = None) -> pd.DataFrame:
+        """`toolkit.frames.routing` of this response."""
+        return routing(self, experts_per_token)
+
+    def perf(self) -> pd.DataFrame:
+        """`toolkit.frames.perf` of this response."""
+        return perf(self)
+
+    def choices(self) -> pd.DataFrame:
+        """`toolkit.frames.choices` of this response."""
+        return choices(self)
 
 
 @dataclass
@@ -56,10 +105,10 @@ def _entries(logprobs: Any) -> list[LogprobsContent]:
 
 
 def _choices(resp: Response) -> list[_Choice]:
-    chunks = [resp] if isinstance(resp, Completion) else list(resp)
+    chunks = [resp] if isinstance(resp, (Completion, CompletionChunk)) else list(resp)
     merged: dict[int, _Choice] = {}
     for chunk in chunks:
-        extra = getattr(chunk, "_details", {}) or {}
+        extra = chunk.details if isinstance(chunk, FrameMethods) else {}
         for c in chunk.choices:
             m = merged.setdefault(c.index, _Choice(c.index))
             m.text += c.text
@@ -235,7 +284,7 @@ def choices(resp: Response) -> pd.DataFrame:
 
 def perf(resp: Union[Response, Iterable[Completion]]) -> pd.DataFrame:
     """One row per response: id, model, usage and every perf metric it carries."""
-    if isinstance(resp, Completion):
+    if isinstance(resp, (Completion, CompletionChunk)):
         responses = [resp]
     else:
         items = list(resp)

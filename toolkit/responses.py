@@ -1,21 +1,37 @@
-"""Engine rows to response objects: logprobs in both formats, raw output, usage, perf.
+"""Engine tokens to response objects: logprobs in both formats, raw output, usage, perf,
+and the local response types, which carry what the wire has no room for.
 
-Pure functions over the engine's `TokenLog`s, shared by whole responses and stream chunks
-(a chunk is the same construction over a slice of tokens).
+Pure functions over `TokenLog`s, shared by whole responses and stream chunks (a chunk is
+the same construction over a slice of tokens).
 """
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
+from pydantic import Field
 
 from .captures import encode_activation, encode_routing
-from .engine.sequence import Job, Sequence, TokenLog
-from .schema import (CompletionRequest, LegacyLogprobs, LogprobsContent, NewLogprobs,
-                     PromptTokensDetails, RawOutput, TopLogprob, Usage)
+from .engine.outputs import TokenLog
+from .engine.sequence import Job
+from .frames import ChoiceDetails, FrameMethods
+from .schema import (Completion, CompletionChunk, CompletionRequest, LegacyLogprobs,
+                     LogprobsContent, NewLogprobs, PromptTokensDetails, RawOutput,
+                     TopLogprob, Usage)
+
+
+class LocalCompletion(Completion, FrameMethods):
+    """A response made in-process: the wire object (what `model_dump` gives), plus
+    `details` per choice for the frames, and the frame functions as methods."""
+
+    details: dict[int, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+
+class LocalChunk(CompletionChunk, FrameMethods):
+    """A stream chunk made in-process; see `LocalCompletion`."""
+
+    details: dict[int, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
 
 class TokenText:
@@ -34,35 +50,16 @@ class TokenText:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
-@dataclass
-class ChoiceDetails:
-    """What the frames know of a choice's tokens beyond the wire: where they sit in the
-    sequence the model saw, each token's rank and the entropy of its distribution, and the
-    router weights of its routing matrix."""
-
-    prompt_index: int
-    prompt_tokens: int                 # length of the prompt the model saw
-    start: int                         # position of the first token in the content
-    ranks: list[Optional[int]]
-    entropies: list[Optional[float]]
-    router_weights: list[Optional[list[list[float]]]]
-    layer_ids: tuple[int, ...] = ()    # `activation_layers`, as non-negative indices
-    num_layers: int = 0
-    layers: list[Optional[np.ndarray]] = field(default_factory=list)   # [taps, hidden]
-
-
 def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, int, int]],
             start: int, layer_ids: tuple[int, ...] = (), num_layers: int = 0
             ) -> ChoiceDetails:
     """Details of the tokens [a, b) of each log, in order."""
+    tokens = [t for log, a, b in logs for t in log.tokens[a:b]]
     weights = lambda w: None if w is None else w.tolist()
     array = lambda t: None if t is None else t.to("cpu", torch.float32).numpy()
-    return ChoiceDetails(prompt_index, prompt_tokens, start,
-                         [r for log, a, b in logs for r in log.ranks[a:b]],
-                         [e for log, a, b in logs for e in log.entropies[a:b]],
-                         [weights(w) for log, a, b in logs for w in log.weights[a:b]],
-                         layer_ids, num_layers,
-                         [array(t) for log, a, b in logs for t in log.layers[a:b]])
+    return ChoiceDetails(prompt_index, prompt_tokens, start, [t.rank for t in tokens],
+                         [t.entropy for t in tokens], [weights(t.weights) for t in tokens],
+                         layer_ids, num_layers, [array(t.layers) for t in tokens])
 
 
 def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,
@@ -71,15 +68,16 @@ def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,
     choice's text (echoed text comes first)."""
     out = []
     for k in range(start, end):
+        t = log.tokens[k]
         out.append(LogprobsContent(
-            token=names(log.ids[k]), bytes=list(log.pieces[k]), token_id=log.ids[k],
-            text_offset=log.offsets[k] + offset_shift, logprob=log.logprobs[k],
-            sampling_logprob=log.sampling_logprobs[k] if with_sampling else None,
-            top_logprobs=[TopLogprob(token=names(t), logprob=lp, token_id=t,
-                                     bytes=list(names.pieces[t]))
-                          for t, lp in zip(log.top_ids[k], log.top_logprobs[k])],
-            last_activation=None if log.hidden[k] is None else encode_activation(log.hidden[k]),
-            routing_matrix=None if log.experts[k] is None else encode_routing(log.experts[k])))
+            token=names(t.id), bytes=list(t.piece), token_id=t.id,
+            text_offset=log.offsets[k] + offset_shift, logprob=t.logprob,
+            sampling_logprob=t.sampling_logprob if with_sampling else None,
+            top_logprobs=[TopLogprob(token=names(i), logprob=lp, token_id=i,
+                                     bytes=list(names.pieces[i]))
+                          for i, lp in zip(t.top_ids, t.top_logprobs)],
+            last_activation=None if t.hidden is None else encode_activation(t.hidden),
+            routing_matrix=None if t.experts is None else encode_routing(t.experts)))
     return out
 
 
@@ -113,33 +111,32 @@ def wants_content(req: CompletionRequest) -> bool:
                 or req.include_routing_matrix)
 
 
-def raw_output(req: CompletionRequest, job: Job, seq: Sequence, echo: TokenLog,
-               entries: Optional[list[LogprobsContent]]) -> RawOutput:
-    prompt = req.prompts[seq.prompt_index]
+def raw_output(req: CompletionRequest, job: Job, prompt_index: int, out: TokenLog,
+               echo: TokenLog, entries: Optional[list[LogprobsContent]]) -> RawOutput:
+    prompt = req.prompts[prompt_index]
     return RawOutput(prompt_fragments=[prompt] if isinstance(prompt, str) else list(prompt),
-                     prompt_token_ids=job.prompts[seq.prompt_index],
-                     completion=seq.out.text.text,
-                     completion_token_ids=echo.ids + seq.out.ids,
+                     prompt_token_ids=list(job.prompts[prompt_index]),
+                     completion=out.text.text, completion_token_ids=echo.ids + out.ids,
                      completion_logprobs=None if entries is None else
                      NewLogprobs(content=entries))
 
 
-def usage(job: Job, seqs: list[Sequence]) -> Usage:
+def usage(job: Job, completion_tokens: int, cached_tokens: int) -> Usage:
     prompt = sum(len(p) for p in job.prompts)
-    completion = sum(len(s.out) for s in seqs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(job.cached_tokens)))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                 total_tokens=prompt + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-def perf_metrics(job: Job, model: str, started: float, tokenized: float, concurrent: int,
-                 seqs: list[Sequence]) -> dict[str, Any]:
-    """The hosted API's perf metric keys, in seconds, measured on this request."""
-    t = job.timings
+def perf_metrics(job: Job, timings: dict[str, float], model: str, started: float,
+                 tokenized: float, concurrent: int, cached_tokens: int) -> dict[str, Any]:
+    """The hosted API's perf metric keys, in seconds, measured on this request. `timings`
+    are the engine's clock readings (`Update.timings`)."""
+    t = timings
     end = t.get("end", t.get("prefill_end", tokenized))
     return {
         "prompt-tokens": sum(len(p) for p in job.prompts),
-        "cached-prompt-tokens": sum(job.cached_tokens),
+        "cached-prompt-tokens": cached_tokens,
         "server-time-to-first-token": t.get("first_token", end) - started,
         "server-processing-time": end - started,
         "tokenizer-queue-duration": 0.0,

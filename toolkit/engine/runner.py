@@ -6,14 +6,15 @@ for all rows of a request, and single-row decode steps through `compiled.Compile
 slower, but correct for every architecture transformers knows.
 Both return final-norm hidden states (the activations the API reports, and what the logits
 are computed from), for MoE models the experts each position was routed to, and from a
-decode step the logits.
+decode step the logits. `Runner` is the interface the decode loop relies on; a new runner
+(CUDA graphs, a draft model) implements it and nothing else changes.
 """
 from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -34,10 +35,59 @@ class Forward:
     layers: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
 
+    def select(self, index: Any) -> "Forward":
+        """The rows `index` (an int keeps a leading dimension of one)."""
+        index = [index] if isinstance(index, int) else index
+        return Forward(*(None if t is None else t[index] for t in self._tensors()))
+
+    def _tensors(self) -> list[Optional[torch.Tensor]]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def concat(parts: Sequence[Forward]) -> Forward:
+    """Forward outputs one after the other, along positions."""
+    if len(parts) == 1:
+        return parts[0]
+    columns = zip(*(p._tensors() for p in parts))
+    return Forward(*(None if col[0] is None else torch.cat(col) for col in columns))
+
+
+class Runner(Protocol):
+    """The forward passes of one model, over a per-job state (its KV cache) from `start`.
+    Rows are a job's choices; a row's positions fill from 0 without gaps."""
+
+    def start(self, rows: int, capacity: int) -> Any:
+        """A fresh state for `rows` rows, sized for about `capacity` positions."""
+
+    def prefill(self, state: Any, row: int, ids: list[int], start: int,
+                taps: tuple[int, ...] = ()) -> Forward:
+        """Tokens `ids` at positions start.. of one row (its earlier positions filled)."""
+
+    def fork(self, state: Any, src: int, dst: list[int], length: int) -> None:
+        """Copy the first `length` positions of row `src` to the rows `dst`."""
+
+    def decode(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
+        """One token per row at `positions`; returns logits too. Inactive rows may be
+        computed (and ignored) so that the batch keeps its shape."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final-norm hidden states."""
+
+
+@runtime_checkable
+class MovesKV(Protocol):
+    """A runner whose KV can be copied out of a job and into another: the prefix cache
+    works with it."""
+
+    def read_kv(self, state: Any, row: int, start: int, end: int) -> torch.Tensor:
+        """Keys and values of positions [start, end) of a row."""
+
+    def write_kv(self, state: Any, row: int, kv: torch.Tensor) -> None:
+        """Fill a row's first positions with keys and values from `read_kv`."""
+
 
 class LeanRunner:
-    supports_prefix_cache = True
-
     def __init__(self, model: Any, compile: bool = False) -> None:
         self.lean = lean.LeanModel(model)
         self.step = CompiledStep(self.lean) if compile else None
@@ -82,8 +132,6 @@ class LeanRunner:
 
 
 class HFRunner:
-    supports_prefix_cache = False
-
     def __init__(self, model: Any, info: ModelInfo) -> None:
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
@@ -155,6 +203,7 @@ class HFRunner:
         return logits
 
 
+
 def _forward(out: tuple, pick: Any) -> Forward:
     """A lean forward's (hidden, routing, taps), with `pick` selecting the positions."""
     hidden, route, layers = out
@@ -164,7 +213,7 @@ def _forward(out: tuple, pick: Any) -> Forward:
 
 
 def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True,
-                compile: Optional[bool] = None) -> Any:
+                compile: Optional[bool] = None) -> Runner:
     """The lean runner where the architecture allows, else the HF forward. `compile=None`
     compiles the single-row step on a CPU, where dispatch bounds small models."""
     if lean_forward and lean.supports(model):

@@ -4,15 +4,19 @@ The steps run in the order of the hosted API (DESIGN §3): logit bias, repetitio
 frequency/presence penalties, temperature, then truncation (top-k, top-p, min-p, typical-p,
 or Mirostat v2). Every step has a neutral value (bias 0, penalty 1, top_p 1, ...) that leaves
 a row untouched, so rows with different settings share one batch, and a step no row uses is
-skipped. Each row draws from its own generator, seeded from (seed, prompt, choice), so a
-choice does not depend on what else is in the batch.
+skipped. `SamplingParams` holds those neutral values: the one place each default is written.
+
+Randomness is counter-based: the uniform number a row draws for its k-th token is a hash of
+(its seed, k), computed on the device for the whole batch at once. No generator state, no
+host round trip per row, and a choice never depends on what else is in the batch, on the
+device, or on a step being retried.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -34,6 +38,17 @@ class SamplingParams:
     mirostat_target: Optional[float] = None
     mirostat_lr: float = 0.1
     logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_fields(cls, values: dict[str, Any]) -> "SamplingParams":
+        """From request fields, where None means "not set": the neutral default."""
+        return cls(**{f.name: values[f.name] for f in fields(cls)
+                      if values.get(f.name) is not None})
+
+
+def default(knob: str) -> Any:
+    """The neutral value of a knob."""
+    return SamplingParams.__dataclass_fields__[knob].default
 
 
 def row_seed(seed: int, prompt_index: int, choice: int) -> int:
@@ -64,9 +79,13 @@ def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor,
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Greedy rows (temperature 0) are left as they are; they take the argmax later."""
+    """Divide by the temperature. The row's maximum is subtracted first (softmax does not
+    change), so the largest logit stays 0 however small the temperature: as it falls to
+    zero the distribution narrows to the argmax instead of overflowing into inf - inf.
+    Greedy rows (temperature 0) are left as they are; they take the argmax later."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return logits / t[:, None]
+    shifted = logits - logits.max(-1, keepdim=True).values
+    return torch.where((temperature > 0)[:, None], shifted / t[:, None], logits)
 
 
 def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -118,11 +137,51 @@ def mirostat_filter(logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
+# ----------------------------------------------------------------------------- randomness
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 torch stores (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                             0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """A float32 in [0, 1) per row from its int64 seed and draw counter: SplitMix64 of
+    seed + counter * golden ratio (int64 arithmetic wraps, as SplitMix64 wants), top 24
+    bits. The same numbers on every device."""
+    x = seeds + (counters + 1) * _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return _shift_right(x, 40).float() * 2.0 ** -24
+
+
+def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of one token per row of log-probs [rows, vocab] with the
+    uniform numbers u [rows]. Never a token of probability zero: a draw that rounding
+    pushes past the total mass falls back to the last token with any."""
+    cdf = logp.exp().cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    drawn = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    return torch.minimum(drawn, torch.searchsorted(cdf, total))[:, 0]
+
+
 # --------------------------------------------------------------------------- the sampler
 
 class Sampler:
     """Turns a step's logits into one token per row, tracking the state some knobs need
-    (token counts for penalties, Mirostat's mu)."""
+    (token counts for penalties, Mirostat's mu, each row's draw counter)."""
 
     def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
                  seeds: Sequence[int], vocab_size: int, device: torch.device) -> None:
@@ -139,13 +198,13 @@ class Sampler:
                               torch.full((rows,), math.inf, device=device))
         self.use_mirostat = any(mirostat)
         # Mirostat replaces the truncation knobs on its rows: neutralise them there.
-        neutral = lambda name, value, dtype=torch.float32: torch.tensor(
-            [value if m else getattr(p, name) for p, m in zip(params, mirostat)], dtype=dtype,
-            device=device)
-        self.top_k = neutral("top_k", 0, torch.long)
-        self.top_p = neutral("top_p", 1.0)
-        self.min_p = neutral("min_p", 0.0)
-        self.typical_p = neutral("typical_p", 1.0)
+        neutral = lambda name, dtype=torch.float32: torch.tensor(
+            [default(name) if m else getattr(p, name) for p, m in zip(params, mirostat)],
+            dtype=dtype, device=device)
+        self.top_k = neutral("top_k", torch.long)
+        self.top_p = neutral("top_p")
+        self.min_p = neutral("min_p")
+        self.typical_p = neutral("typical_p")
         self.repetition = vec("repetition_penalty")
         self.frequency = vec("frequency_penalty")
         self.presence = vec("presence_penalty")
@@ -163,7 +222,9 @@ class Sampler:
         self.counts = None
         if bool((self.frequency != 0).any() or (self.presence != 0).any()):
             self.counts = torch.zeros(rows, vocab_size, device=device)
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds = torch.tensor([_signed(s & _MASK64) for s in seeds], dtype=torch.long,
+                                  device=device)
+        self.draws = torch.zeros(rows, dtype=torch.long, device=device)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits of the final sampling distribution (greedy rows: before temperature)."""
@@ -197,13 +258,10 @@ class Sampler:
         if self.all_greedy:
             return argmax, torch.zeros(len(x), device=x.device)
         logp = x.log_softmax(-1)
-        u = torch.tensor([torch.rand(1, generator=g).item() for g in self.generators],
-                         device=x.device)
-        cdf = logp.exp().cumsum(-1)
-        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        drawn = drawn.clamp_max(x.shape[-1] - 1)
+        drawn = draw(logp, uniform(self.seeds, self.draws))
+        self.draws += 1
         tokens = torch.where(self.greedy, argmax, drawn)
-        sampling_logprob = torch.where(self.greedy, torch.zeros_like(u),
+        sampling_logprob = torch.where(self.greedy, torch.zeros_like(self.temperature),
                                        logp.gather(1, tokens[:, None])[:, 0])
         if self.use_mirostat:
             surprise = -sampling_logprob / math.log(2)

@@ -50,9 +50,18 @@ class TextBuilder:
         self.text = ""
 
     def add(self, piece: bytes) -> int:
-        """Append a token's bytes; return its text offset."""
+        """Append a token's bytes; return its text offset. When earlier tokens left an
+        incomplete character that this token's bytes do not complete, its U+FFFD comes
+        out first, and belongs to them: the offset is past it."""
         offset = len(self.text)
-        self.text += self._decoder.decode(piece)
+        pending = self._decoder.getstate()[0]
+        out = self._decoder.decode(piece)
+        if pending:
+            broken = pending.decode("utf-8", "replace")
+            alone = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(piece)
+            if out == broken + alone:
+                offset += len(broken)
+        self.text += out
         return offset
 
     def finish(self) -> str:

@@ -1,0 +1,200 @@
+"""The decode loop of one job: prefill each prompt once, fork its KV to its n choices, then
+one token per row per step until every row has finished.
+
+`Decoder.run(job)` is a generator of `Update`s, one after the prefill and one per step, so
+the serving thread can interleave the steps of several jobs. Everything a job allocates
+(KV cache, sampler state) lives in the generator's frame: closing it frees the job. Only
+the prefix cache outlives a job, and it only ever holds complete prompt blocks.
+
+Prompts are prefilled in chunks aligned to the prefix cache's blocks, cached or not: a
+forward over the same tokens in the same shapes gives the same bits, so a job that reuses
+a cached prefix computes exactly what it would have computed without it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .outputs import Capture, RowUpdate, Token, Update
+from .prefix_cache import PrefixCache
+from .runner import Forward, MovesKV, Runner, concat
+from .sampler import Sampler
+from .sequence import Job, Sequence
+from .text import StopStrings
+
+
+class Decoder:
+    def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
+                 device: torch.device) -> None:
+        self.runner = runner
+        self.pieces = pieces
+        self.prefix_cache = prefix_cache
+        self.device = device
+        self.reuses_prefix = isinstance(runner, MovesKV)
+
+    def run(self, job: Job, submitted: float) -> Iterator[Update]:
+        n, rows = job.n, job.rows
+        timings = {"queue": time.perf_counter() - submitted,
+                   "prefill_start": time.perf_counter()}
+        seqs = [Sequence(index=r, max_new=job.max_new[r // n]) for r in range(rows)]
+        longest = max(len(p) + m for p, m in zip(job.prompts, job.max_new))
+        state = self.runner.start(rows, min(longest, max(map(len, job.prompts)) + 64))
+        # What scores each row's next token: logits, and the forward output (hidden state,
+        # routing, tapped layers) of the position that produced them.
+        scored: list[Forward] = []
+        logits, echoes, cached = [], [], []
+        for i, ids in enumerate(job.prompts):
+            fwd, first_logits, echo, reused = self._prefill(job, state, i, ids)
+            self.runner.fork(state, i * n, list(range(i * n + 1, (i + 1) * n)), len(ids))
+            scored += [fwd] * n
+            logits += [first_logits] * n
+            echoes.append(echo)
+            cached.append(reused)
+        logits, fwd = torch.stack(logits), concat(scored)
+        for s in seqs:
+            if s.max_new == 0:
+                s.finish_reason = "length"
+        timings["prefill_end"] = timings["decode_start"] = time.perf_counter()
+        done = all(s.finished for s in seqs)
+        if done:
+            timings["end"] = timings["prefill_end"]
+        yield Update(tuple(RowUpdate(s.index, finish_reason=s.finish_reason)
+                           for s in seqs if s.finished), dict(timings), tuple(echoes),
+                     tuple(cached), done)
+
+        sampler = Sampler(job.params, [job.prompts[r // n] for r in range(rows)], job.seeds,
+                          logits.shape[-1], self.device)
+        stops = StopStrings(job.stops)
+        positions = torch.tensor([len(job.prompts[r // n]) for r in range(rows)],
+                                 device=self.device)
+        while not done:
+            tokens, sampling_lp = sampler.sample(logits)
+            sampler.update(tokens)
+            new = self._score(job.capture, logits, tokens, sampling_lp, fwd)
+            changed = tuple(self._append(job, s, stops, new[s.index])
+                            for s in seqs if not s.finished)
+            timings.setdefault("first_token", time.perf_counter())
+            done = all(s.finished for s in seqs)
+            if done:
+                timings["end"] = time.perf_counter()
+            yield Update(changed, dict(timings), done=done)
+            if not done:
+                # every row runs (finished ones too), so the batch keeps its shape
+                active = torch.tensor([not s.finished for s in seqs], device=self.device)
+                fwd = self.runner.decode(state, tokens, positions, active,
+                                         job.capture.layers)
+                positions = positions + active
+                logits = fwd.logits
+
+    # ------------------------------------------------------------------------ the prefill
+
+    def _prefill(self, job: Job, state: Any, i: int, ids: tuple[int, ...]
+                 ) -> tuple[Forward, torch.Tensor, tuple[Token, ...], int]:
+        """Prefill prompt i into its first row and score its echoed tokens. Returns the
+        last position's forward output and logits (which pick the first generated token),
+        the echoed tokens, and how many prompt tokens came from the prefix cache."""
+        row, echo_from = i * job.n, len(ids) - job.echo[i]
+        cached = self._reuse_prefix(job, state, row, ids, echo_from)
+        fwd = self._forward_chunks(state, row, ids, cached, job.capture.layers)
+        if self.reuses_prefix and job.cache_max_len != 0:
+            upto = len(ids) if job.cache_max_len is None else min(len(ids), job.cache_max_len)
+            self.prefix_cache.store(job.cache_key, ids, upto,
+                                    lambda a, b: self.runner.read_kv(state, row, a, b))
+        # positions whose logits are needed: those that score echoed tokens, and the last
+        first = max(echo_from - 1, 0) if job.echo[i] else len(ids) - 1
+        logits = self.runner.logits(fwd.hidden[first - cached:])
+        echo = self._score_echo(job.capture, ids, echo_from, first, cached, fwd, logits)
+        return fwd.select(-1), logits[-1], echo, cached
+
+    def _forward_chunks(self, state: Any, row: int, ids: tuple[int, ...], start: int,
+                        taps: tuple[int, ...]) -> Forward:
+        """Run prompt tokens start.. in chunks that begin on the prefix cache's block
+        boundaries (`start` is one), so every prefill of a prompt has the same shapes."""
+        size = self.prefix_cache.block_size if self.reuses_prefix else len(ids)
+        return concat([self.runner.prefill(state, row, list(ids[a:a + size]), a, taps)
+                       for a in range(start, len(ids), size)])
+
+    def _reuse_prefix(self, job: Job, state: Any, row: int, ids: tuple[int, ...],
+                      echo_from: int) -> int:
+        """Load the longest cached prefix we may skip: never the last prompt token (its
+        logits pick the first new token) nor a position that scores an echoed token."""
+        if not self.reuses_prefix or job.cache_max_len == 0:
+            return 0
+        limit = len(ids) - 1
+        if echo_from < len(ids):
+            limit = min(limit, max(echo_from - 1, 0))
+        if job.cache_max_len is not None:
+            limit = min(limit, job.cache_max_len)
+        cached, kv = self.prefix_cache.lookup(job.cache_key, ids, limit)
+        if cached:
+            self.runner.write_kv(state, row, kv)
+        return cached
+
+    def _score_echo(self, capture: Capture, ids: tuple[int, ...], echo_from: int, first: int,
+                    cached: int, fwd: Forward, logits: torch.Tensor) -> tuple[Token, ...]:
+        """Echoed prompt tokens with their raw logprobs (and captures); position 0 has no
+        context to be scored in."""
+        if echo_from >= len(ids):
+            return ()
+        head = (Token(ids[0], self.pieces[ids[0]]),) if echo_from == 0 else ()
+        scored = range(max(echo_from, 1), len(ids))
+        if not scored:
+            return head
+        # row k of `logits` scores ids[first + k + 1]; fwd row j - 1 - cached produced it
+        rows = [j - 1 - first for j in scored]
+        tokens = torch.tensor(ids[scored.start:], device=logits.device)
+        at = fwd.select([j - 1 - cached for j in scored])
+        return head + tuple(self._score(capture, logits[rows], tokens, None, at))
+
+    # ---------------------------------------------------------------------------- a step
+
+    def _score(self, capture: Capture, logits: torch.Tensor, tokens: torch.Tensor,
+               sampling_lp: Optional[torch.Tensor], fwd: Forward) -> list[Token]:
+        """Tokens [N] scored by logits [N, vocab] from the forward rows `fwd` that produced
+        them: only what `capture` asks for, brought to the host in one transfer."""
+        ids = tokens.tolist()
+        if not (capture.scores or capture.top_n or capture.hidden or capture.routing
+                or capture.layers):
+            return [Token(t, self.pieces[t]) for t in ids]
+        raw = logits.log_softmax(-1)
+        token_lp = raw.gather(1, tokens[:, None])[:, 0]
+        columns = [token_lp, (raw > token_lp[:, None]).sum(-1).to(raw.dtype) + 1,
+                   -(raw.exp() * raw).nan_to_num().sum(-1)]
+        if sampling_lp is not None:
+            columns.append(sampling_lp)
+        top = raw.topk(capture.top_n, dim=-1) if capture.top_n else None
+        if top is not None:
+            columns += [top.values.T, top.indices.T.to(raw.dtype)]
+        host = torch.cat([c.reshape(-1, len(ids)) for c in columns]).T.tolist()
+        out = []
+        for k, (t, row) in enumerate(zip(ids, host)):
+            tops = row[4:] if sampling_lp is not None else row[3:]
+            out.append(Token(
+                t, self.pieces[t], logprob=row[0],
+                sampling_logprob=row[3] if sampling_lp is not None else None,
+                top_ids=tuple(int(x) for x in tops[capture.top_n:]),
+                top_logprobs=tuple(tops[:capture.top_n]), rank=int(row[1]), entropy=row[2],
+                hidden=fwd.hidden[k] if capture.hidden else None,
+                experts=fwd.experts[k] if capture.routing and fwd.experts is not None
+                else None,
+                weights=fwd.weights[k] if capture.routing and fwd.weights is not None
+                else None,
+                layers=fwd.layers[k] if fwd.layers is not None else None))
+        return out
+
+    def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> RowUpdate:
+        """Add a row's new token; finish the row on EOS, a stop string or its length."""
+        if token.id in job.eos_ids and not job.ignore_eos:
+            s.finish_reason = "stop"        # EOS ends the choice; it is not part of it
+            return RowUpdate(s.index, finish_reason="stop")
+        s.generated += 1
+        before = len(s.text.text)
+        s.text.add(token.piece)
+        hit = stops.find(s.text.text, before)
+        if hit is not None:
+            s.stop_at, s.finish_reason = hit, "stop"
+        elif s.generated >= s.max_new:
+            s.finish_reason = "length"
+        return RowUpdate(s.index, (token,), s.finish_reason, s.stop_at)
