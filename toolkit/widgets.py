@@ -18,21 +18,28 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import frames, plots
+from .engine.sampler import default
 from .sweep import sweep
 
-# knob -> (widget class, value, min, max, step); the values are the API's neutral defaults
+# knob -> (widget class, min, max, step); each starts at its neutral value (`default`),
+# except Mirostat's target, which has none (unset means off): its slider at 0 means off.
 KNOBS = {
-    "temperature": (W.FloatSlider, 1.0, 0.0, 2.0, 0.05),
-    "top_k": (W.IntSlider, 0, 0, 100, 1),
-    "top_p": (W.FloatSlider, 1.0, 0.0, 1.0, 0.01),
-    "min_p": (W.FloatSlider, 0.0, 0.0, 1.0, 0.01),
-    "typical_p": (W.FloatSlider, 1.0, 0.0, 1.0, 0.01),
-    "frequency_penalty": (W.FloatSlider, 0.0, -2.0, 2.0, 0.1),
-    "presence_penalty": (W.FloatSlider, 0.0, -2.0, 2.0, 0.1),
-    "repetition_penalty": (W.FloatSlider, 1.0, 0.05, 2.0, 0.05),
-    "mirostat_target": (W.FloatSlider, 0.0, 0.0, 10.0, 0.5),      # 0 = Mirostat off
-    "mirostat_lr": (W.FloatSlider, 0.1, 0.01, 1.0, 0.01),
+    "temperature": (W.FloatSlider, 0.0, 2.0, 0.05),
+    "top_k": (W.IntSlider, 0, 100, 1),
+    "top_p": (W.FloatSlider, 0.0, 1.0, 0.01),
+    "min_p": (W.FloatSlider, 0.0, 1.0, 0.01),
+    "typical_p": (W.FloatSlider, 0.0, 1.0, 0.01),
+    "frequency_penalty": (W.FloatSlider, -2.0, 2.0, 0.1),
+    "presence_penalty": (W.FloatSlider, -2.0, 2.0, 0.1),
+    "repetition_penalty": (W.FloatSlider, 0.05, 2.0, 0.05),
+    "mirostat_target": (W.FloatSlider, 0.0, 10.0, 0.5),
+    "mirostat_lr": (W.FloatSlider, 0.01, 1.0, 0.01),
 }
+
+
+def _start(knob: str) -> float:
+    value = default(knob)
+    return 0.0 if value is None else value
 
 
 def png(fig: Figure) -> bytes:
@@ -63,9 +70,9 @@ class Explorer:
                  seed: int = 0) -> None:
         self.llm = llm
         self.prompt = W.Textarea(value=prompt, description="prompt", continuous_update=False)
-        self.knobs = {name: cls(value=v, min=lo, max=hi, step=step, description=name,
-                                continuous_update=False)
-                      for name, (cls, v, lo, hi, step) in KNOBS.items()}
+        self.knobs = {name: cls(value=_start(name), min=lo, max=hi, step=step,
+                                description=name, continuous_update=False)
+                      for name, (cls, lo, hi, step) in KNOBS.items()}
         self.seed = W.IntText(value=seed, description="seed")
         self.n = W.IntSlider(value=n, min=1, max=16, description="n", continuous_update=False)
         self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=256,
