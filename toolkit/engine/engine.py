@@ -1,27 +1,34 @@
-"""The engine: jobs from any thread, decoded together by one serving thread.
+"""The engine: jobs from any thread, decoded together, driven by the callers themselves.
 
-`submit(job)` returns a `Handle` at once; iterating it gives the job's `Update`s as the
-serving thread produces them, and closing it (or dropping it) cancels the job. The serving
-thread steps every live job in turn, one `Decoder.run` step each, so jobs join and leave a
+`submit(job)` returns a `Handle` at once; iterating it gives the job's `Update`s. A caller
+that needs an update and finds none ready runs a round: one `Decoder.run` step of every
+live job, its own and everyone else's, each update put in its job's handle. If another
+thread is running a round, the caller waits for it instead. So jobs join and leave a
 running loop as they come and go: a request made while a stream is open (in the same
-thread or another) is served beside it, and no caller ever holds the model while it waits.
+thread or another) is served beside it, the stream's updates wait in its handle, and no
+caller ever holds the model while it is not stepping it. Nothing runs while nobody waits.
+
+Why callers and not a serving thread: on a CPU, torch's OpenMP runtime keeps one team of
+worker threads per thread that runs parallel work, and once the teams outnumber the cores
+it stops spin-waiting between kernels: a decode step on a second thread, beside a
+notebook thread that has run any torch code, ran 4x slower. Stepping on the caller's
+thread keeps one team.
 
 Each job keeps its own batch: its numbers never depend on what else is running (a result is
 bit-identical to the same request made alone), at the price of one forward per job per step.
 
-Only the serving thread touches the model, the KV caches and the sampler; other threads
-only put jobs in and take updates out. A `KeyboardInterrupt` therefore lands in a caller
-waiting for updates, never half-way through a step: the caller cancels its job and the
-serving thread drops it at the next step boundary. The thread exists only while there is
-work, and jobs still running when the interpreter exits are cancelled, not waited for.
+A round is never cut short: on the main thread, a Ctrl-C that arrives during a round is
+held back until the round ends, then raised, so the engine's state is always whole. The
+interrupted caller then cancels its job; closing a handle (or dropping it) cancels too.
 """
 from __future__ import annotations
 
-import queue
+import signal
 import threading
-from concurrent.futures import CancelledError
 import time
-import weakref
+from collections import deque
+from concurrent.futures import CancelledError
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -34,7 +41,7 @@ from .runner import make_runner
 from .sequence import Job
 from .text import token_bytes_table
 
-_POLL_S = 0.1     # a waiting caller wakes this often, so a pending Ctrl-C is seen
+_POLL_S = 0.1     # a caller waiting for another thread's round wakes this often
 
 
 class Handle:
@@ -46,9 +53,9 @@ class Handle:
         self.submitted = time.perf_counter()
         self.concurrent = 0              # jobs in flight when this one was submitted
         self.cancelled = False
-        self.finished = False
+        self.finished = False            # its last update (or its error) has been taken
         self._engine = engine
-        self._updates: queue.SimpleQueue[Union[Update, BaseException]] = queue.SimpleQueue()
+        self._ready: deque[Union[Update, BaseException]] = deque()
 
     def __iter__(self) -> Iterator[Update]:
         return self
@@ -56,12 +63,9 @@ class Handle:
     def __next__(self) -> Update:
         if self.finished:
             raise StopIteration
-        while True:
-            try:
-                item = self._updates.get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                continue
+        while not self._ready:
+            self._engine._advance(self)
+        item = self._ready.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -69,14 +73,12 @@ class Handle:
         return item
 
     def close(self) -> None:
-        """Cancel the job (a no-op once it has finished). Safe from any thread, and from a
-        finalizer: it only flags the job and wakes the serving thread."""
+        """Cancel the job (a no-op once it has finished). Safe from any thread and from a
+        finalizer: it flags the job, and drops it at once unless a round is running (that
+        round's end drops it)."""
         if not self.finished:
             self.cancelled = True
-            self._engine._wake()
-
-    def _put(self, item: Union[Update, BaseException]) -> None:
-        self._updates.put(item)
+            self._engine._drop_cancelled()
 
 
 class Engine:
@@ -89,99 +91,90 @@ class Engine:
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device)
-        self._cv = threading.Condition(threading.RLock())
-        self._incoming: list[Handle] = []
+        self._stepping = threading.Lock()     # held by the thread running a round
+        self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []
-        self._thread: Optional[threading.Thread] = None
-        _ENGINES.add(self)
 
     @property
     def in_flight(self) -> int:
         """Jobs submitted and not yet finished or dropped."""
         with self._cv:
-            return len(self._incoming) + len(self._live)
+            return len(self._live)
 
     def submit(self, job: Job) -> Handle:
         handle = Handle(self, job)
         with self._cv:
-            handle.concurrent = self.in_flight + 1
-            self._incoming.append(handle)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="toolkit-engine")
-                self._thread.start()
-            self._cv.notify_all()
+            handle.concurrent = len(self._live) + 1
+            self._live.append((handle, self.decoder.run(job, handle.submitted)))
         return handle
 
-    def cancel_all(self) -> None:
-        with self._cv:
-            for handle in self._incoming + [h for h, _ in self._live]:
-                handle.cancelled = True
-            self._cv.notify_all()
-
-    def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
-
-    # ------------------------------------------------------------------ the serving thread
-
-    def _serve(self) -> None:
-        try:
-            with torch.inference_mode():
-                while self._admit():
-                    for handle, steps in list(self._live):
-                        if not handle.cancelled:
-                            self._step(handle, steps)
-        except BaseException as err:       # a bug here must not leave callers waiting
-            with self._cv:
-                for handle in self._incoming + [h for h, _ in self._live]:
-                    handle._put(err)
-                self._incoming.clear()
-                self._live.clear()
-                self._thread = None
-            raise
-
-    def _admit(self) -> bool:
-        """Start the jobs submitted since the last round and drop the cancelled ones;
-        False (and the thread ends) when nothing is left."""
-        with self._cv:
-            for handle in self._incoming:
-                self._live.append((handle, self.decoder.run(handle.job, handle.submitted)))
-            self._incoming.clear()
-            for handle, steps in [x for x in self._live if x[0].cancelled]:
-                handle._put(CancelledError("the request was cancelled"))
-                self._drop(handle, steps)
-            if not self._live:
-                self._thread = None
-                return False
-            return True
-
-    def _step(self, handle: Handle, steps: Iterator[Update]) -> None:
-        try:
-            update = next(steps)
-        except BaseException as err:       # the job failed: its caller gets the error
-            handle._put(err)
-            self._drop(handle, steps)
+    def _advance(self, handle: Handle) -> None:
+        """Run a round, or wait for the thread that is running one."""
+        if self._stepping.acquire(blocking=False):
+            try:
+                with _interrupts_held_back():
+                    self._round()
+            finally:
+                self._stepping.release()
+                with self._cv:
+                    self._cv.notify_all()
             return
-        handle._put(update)
-        if update.done:
-            self._drop(handle, steps)
-
-    def _drop(self, handle: Handle, steps: Iterator[Update]) -> None:
         with self._cv:
-            steps.close()                  # frees the job's KV cache and sampler state
+            if not handle._ready:
+                self._cv.wait(_POLL_S)
+
+    def _round(self) -> None:
+        """One step of every live job, under torch's inference mode."""
+        self._drop_cancelled(stepping=True)
+        with torch.inference_mode():
+            for handle, steps in list(self._live):
+                try:
+                    update = next(steps)
+                except BaseException as err:   # the job failed: its caller gets the error
+                    self._finish(handle, steps, err)
+                    continue
+                if update.done:
+                    self._finish(handle, steps, update)
+                else:
+                    with self._cv:
+                        handle._ready.append(update)
+
+    def _drop_cancelled(self, stepping: bool = False) -> None:
+        """Drop cancelled jobs, if no round is running (or from within one)."""
+        if not stepping and not self._stepping.acquire(blocking=False):
+            return
+        try:
+            for handle, steps in [x for x in self._live if x[0].cancelled]:
+                self._finish(handle, steps, CancelledError("the request was cancelled"))
+        finally:
+            if not stepping:
+                self._stepping.release()
+
+    def _finish(self, handle: Handle, steps: Iterator[Update],
+                last: Union[Update, BaseException]) -> None:
+        """Hand a job its last update (or error) and free it."""
+        with self._cv:
+            handle._ready.append(last)
             self._live.remove((handle, steps))
+        steps.close()                      # frees the job's KV cache and sampler state
 
 
-_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-
-
-def _cancel_everything() -> None:
-    """At interpreter exit, before non-daemon threads are joined: cancel what runs, so an
-    abandoned stream does not keep the process alive."""
-    for engine in list(_ENGINES):
-        engine.cancel_all()
-
-
-# `threading._register_atexit` runs before the interpreter joins non-daemon threads (the
-# `atexit` module runs after); concurrent.futures relies on it the same way.
-getattr(threading, "_register_atexit", lambda fn: None)(_cancel_everything)
+@contextmanager
+def _interrupts_held_back() -> Iterator[None]:
+    """On the main thread, hold a SIGINT (Ctrl-C, a notebook's stop button) that arrives
+    inside the block until it ends, then deliver it to the handler that was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if held:
+            handler(*held[0])
