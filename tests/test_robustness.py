@@ -103,6 +103,34 @@ def test_keyboard_interrupt_while_waiting_leaves_no_state(llama_dir, monkeypatch
                                   ignore_eos=True).usage.completion_tokens == 4
 
 
+def test_ctrl_c_aimed_at_a_request_leaves_an_open_stream_whole(llama_dir, monkeypatch):
+    """The interrupt lands while the request's round also steps the stream: it is held
+    until the round ends, so the stream goes on exactly as if nothing had happened."""
+    llm = tk.load(llama_dir, compile=False)
+    kw = dict(prompt="import os\n", max_tokens=40, seed=2, logprobs=True, top_logprobs=2)
+    clean = [c.choices[0] for c in llm.completions.create(stream=True, **kw)]
+    stream = llm.completions.create(stream=True, **kw)
+    chunks = [next(stream).choices[0]]
+    decode, states = llm.engine.runner.decode, []
+
+    def decode_then_interrupt(state, *args, **kwargs):
+        states.append(state)                # the first call steps the stream (live first)
+        if states.count(states[0]) == 3:
+            _thread.interrupt_main()        # ... lands while the stream's step runs
+        return decode(state, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "decode", decode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.completions.create(prompt=PROMPT, max_tokens=50, ignore_eos=True)
+        time.sleep(5)
+    try:
+        chunks += [c.choices[0] for c in stream]
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt aimed at the request cut the stream")
+    assert chunks == clean
+    assert settled(llm)
+
+
 def test_an_abandoned_stream_is_released_when_collected(llm):
     stream = llm.completions.create(prompt=PROMPT, max_tokens=500, ignore_eos=True,
                                     stream=True)
@@ -115,18 +143,22 @@ def test_an_abandoned_stream_is_released_when_collected(llm):
 
 def test_two_threads_and_an_open_stream_match_serial_runs(llm):
     requests = [dict(prompt=PROMPT, max_tokens=12, seed=s, n=2, logprobs=True, top_logprobs=3,
-                     include_last_activation=True, prompt_cache_max_len=0) for s in range(6)]
+                     include_last_activation=True, prompt_cache_max_len=0,
+                     perf_metrics_in_response=True) for s in range(6)]
     serial = [ids_and_logprobs(llm.completions.create(**r)) for r in requests]
-    stream_kw = dict(prompt="import os\n", max_tokens=30, seed=9, logprobs=True)
+    stream_kw = dict(prompt="import os\n", max_tokens=100, seed=9, logprobs=True)
     stream_serial = [c for c in llm.completions.create(stream=True, **stream_kw)]
 
     stream = llm.completions.create(stream=True, **stream_kw)
     chunks = [next(stream)]
     results: dict[int, list] = {}
+    overlap = []
 
     def worker(k):
         for i in range(k, len(requests), 2):
-            results[i] = ids_and_logprobs(llm.completions.create(**requests[i]))
+            resp = llm.completions.create(**requests[i])
+            results[i] = ids_and_logprobs(resp)
+            overlap.append(resp.perf_metrics["num-concurrent-requests"])
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
     for t in threads:
@@ -135,6 +167,7 @@ def test_two_threads_and_an_open_stream_match_serial_runs(llm):
     for t in threads:
         t.join(120)
         assert not t.is_alive()
+    assert max(overlap) >= 2                # they did run together
     assert [results[i] for i in range(len(requests))] == serial
     strip = lambda cs: [(c.choices[0].text, c.choices[0].logprobs) for c in cs if c.choices]
     assert strip(chunks) == strip(stream_serial)
