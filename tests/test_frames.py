@@ -47,7 +47,8 @@ def test_token_frame_numbers(llm):
     frame = fr.tokens(resp)
     ids = resp.choices[0].raw_output.completion_token_ids
     with torch.no_grad():
-        logp = llm.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        logp = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0].float()
+        logp = logp.log_softmax(-1).cpu()
     n_prompt = len(resp.choices[0].raw_output.prompt_token_ids)
     assert (frame.segment == "prompt").sum() == n_prompt
     assert frame.position.tolist() == list(range(len(ids)))
@@ -139,14 +140,14 @@ def test_activation_layers_are_the_residual_streams(llama_dir, lean):
         i, out[0] if isinstance(out, tuple) else out))
         for i, layer in enumerate(llm.model.model.layers)]
     with torch.no_grad():
-        llm.model(input_ids=torch.tensor([ids]))
+        llm.model(input_ids=torch.tensor([ids], device=llm.device))
     for hook in hooks:
         hook.remove()
     for layer in (0, -1, 1):
         index, matrix = fr.activation_matrix(resp, layer=layer)
         assert [p for _, p in index] == list(range(1, len(ids)))
         expected = outputs[layer % 2][0, :-1]
-        assert np.allclose(matrix, expected.numpy(), atol=1e-4)
+        assert np.allclose(matrix, expected.float().cpu().numpy(), atol=1e-4)
     assert "activation_layers" not in str(resp.model_dump(exclude_none=True))
     with pytest.raises(ValueError, match="activation_layers"):
         fr.activations(llm.completions.create(prompt=PROMPT, max_tokens=2, logprobs=True),

@@ -133,12 +133,13 @@ def test_gpt2_runs_through_the_hf_runner(tmp_path, llama_dir):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
-    llm = tk.load(tmp_path / "gpt2")
+    llm = tk.load(tmp_path / "gpt2", dtype="float32")
     assert type(llm.engine.runner).__name__ == "HFRunner"
     resp = llm.completions.create(prompt="def f():", max_tokens=5, logprobs=True, seed=0,
                                   include_last_activation=True, echo=True, raw_output=True)
     ids = resp.choices[0].raw_output.completion_token_ids
     with torch.no_grad():
-        ref = llm.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        ref = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0]
+        ref = ref.float().log_softmax(-1).cpu()
     for pos, entry in enumerate(resp.choices[0].logprobs.content[1:], start=1):
         assert entry.logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)

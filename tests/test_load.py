@@ -27,8 +27,10 @@ def test_local_dense_folder(llama_dir):
                                          for t in ("<think>", "</think>"))
     assert not info.is_moe and info.num_experts is None
     assert info.num_parameters == sum(p.numel() for p in llm.model.parameters())
-    assert llm.device == torch.device("cpu") and llm.dtype == torch.float32
-    assert next(llm.model.parameters()).dtype == torch.float32
+    gpu = torch.cuda.is_available()           # the defaults: CUDA in bfloat16 where present
+    assert llm.device.type == ("cuda" if gpu else "cpu")
+    assert llm.dtype == next(llm.model.parameters()).dtype == \
+        (torch.bfloat16 if gpu else torch.float32)
     assert not llm.model.training
     assert "LlamaForCausalLM" in repr(llm)
 

@@ -15,8 +15,8 @@ PROMPT = "def add(a, b):\n    return a + b\n"
 def forward(llm, ids):
     """Reference: the HF model's own forward over the whole sequence, float32."""
     with torch.no_grad():
-        out = llm.model(input_ids=torch.tensor([ids]))
-    return out.logits[0].float().log_softmax(-1)
+        out = llm.model(input_ids=torch.tensor([ids], device=llm.device))
+    return out.logits[0].float().log_softmax(-1).cpu()
 
 
 def all_ids(choice):
@@ -27,7 +27,7 @@ def all_ids(choice):
 
 @pytest.fixture(scope="module", params=["compiled", "lean", "hf"])
 def engines(request, llama_dir):
-    return tk.load(llama_dir, lean_forward=request.param != "hf",
+    return tk.load(llama_dir, lean_forward=request.param != "hf", dtype="float32",
                    compile=request.param == "compiled")
 
 
@@ -121,7 +121,8 @@ def test_last_activation_is_the_final_norm_hidden_state(engines):
     resp, ids = echoed_run(engines, include_last_activation=True)
     choice = resp.choices[0]
     with torch.no_grad():
-        hidden = engines.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        hidden = engines.model.model(input_ids=torch.tensor(
+            [ids], device=engines.device)).last_hidden_state[0].float().cpu()
     content = choice.logprobs.content
     assert content[0].last_activation is None
     for pos in range(1, len(ids)):
@@ -135,7 +136,8 @@ def test_routing_matrix_is_the_routers_choice(moe_llm):
     resp, ids = echoed_run(moe_llm, include_routing_matrix=True)
     choice = resp.choices[0]
     with torch.no_grad():
-        out = moe_llm.model(input_ids=torch.tensor([ids]), output_router_logits=True)
+        out = moe_llm.model(input_ids=torch.tensor([ids], device=moe_llm.device),
+                            output_router_logits=True)
     k = moe_llm.info.experts_per_token
     chosen = torch.stack(list(out.router_logits), 1).topk(k, dim=-1).indices   # [T, L, k]
     content = choice.logprobs.content

@@ -10,12 +10,15 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
                           TypicalLogitsWarper)
 
+from toolkit.engine.sampler import row_seed, uniform
+
 PROMPT = "def add(a, b):\n    return a + b\n"
 
 
 def raw_logits(llm, ids):
     with torch.no_grad():
-        return llm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        return llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0, -1] \
+            .float().cpu()
 
 
 def reference_distribution(llm, prompt_ids, output_ids, knobs):
@@ -155,3 +158,25 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(llm):
     assert len({tuple(c.token_ids) for c in four.choices}) > 1
     other = llm.completions.create(prompt=PROMPT, n=1, seed=8, **kw)
     assert other.choices[0].token_ids != one.choices[0].token_ids
+
+
+def _splitmix64_uniform(seed: int, counter: int) -> float:
+    """Reference in plain Python integers: SplitMix64 of seed + (counter + 1) * golden,
+    top 24 bits as a fraction."""
+    mask = (1 << 64) - 1
+    x = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return (x >> 40) / 2**24
+
+
+def test_counter_based_uniforms_match_splitmix64_on_the_device(llm):
+    seeds = [0, 1, 2**62 + 12345, 2**63 - 1, row_seed(7, 0, 3)]
+    counters = [0, 1, 5, 1000, 2**31]
+    got = uniform(torch.tensor(seeds, device=llm.device),
+                  torch.tensor(counters, device=llm.device)).tolist()
+    assert got == [_splitmix64_uniform(s, c) for s, c in zip(seeds, counters)]
+    many = uniform(torch.full((20000,), 42, device=llm.device),
+                   torch.arange(20000, device=llm.device)).cpu()
+    assert 0 <= many.min() and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.01
