@@ -2,7 +2,7 @@
 one token per row per step until every row has finished.
 
 `Decoder.run(job)` is a generator of `Update`s, one after the prefill and one per step, so
-the serving thread can interleave the steps of several jobs. Everything a job allocates
+the engine can interleave the steps of several jobs. Everything a job allocates
 (KV cache, sampler state) lives in the generator's frame: closing it frees the job. Only
 the prefix cache outlives a job, and it only ever holds complete prompt blocks.
 
