@@ -42,8 +42,9 @@ class ChoiceDetails:
 
 
 class FrameMethods:
-    """The frame functions as methods of a local response (or chunk). Classes using it
-    have a `details` mapping of choice index to `ChoiceDetails`."""
+    """The frame functions as methods of a local response (or chunk), all but `choices`,
+    the name of the wire's own field. Classes using it have a `details` mapping of choice
+    index to `ChoiceDetails`."""
 
     details: dict[int, ChoiceDetails]
 
@@ -66,10 +67,6 @@ class FrameMethods:
     def perf(self) -> pd.DataFrame:
         """`toolkit.frames.perf` of this response."""
         return perf(self)
-
-    def choices(self) -> pd.DataFrame:
-        """`toolkit.frames.choices` of this response."""
-        return choices(self)
 
 
 @dataclass

@@ -157,9 +157,9 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """A float32 in [0, 1) per row from its int64 seed and draw counter: SplitMix64 of
-    seed + counter * golden ratio (int64 arithmetic wraps, as SplitMix64 wants), top 24
-    bits. The same numbers on every device."""
+    """A float32 in [0, 1) per row from its int64 seed and draw counter: SplitMix64's
+    output for state seed + (counter + 1) * golden-ratio constant (int64 arithmetic wraps,
+    as SplitMix64 wants), top 24 bits. The same numbers on every device."""
     x = seeds + (counters + 1) * _GOLDEN
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
