@@ -6,6 +6,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,18 @@ def test_uncached_hub_id_offline_names_the_id(monkeypatch):
     with pytest.raises(NotFoundError, match="someorg/not-a-model") as info:
         tk.load("someorg/not-a-model")
     assert info.value.param == "model"
+
+
+@pytest.mark.parametrize("typo", ["tiny-coder", "tiny_code_moe", "Tiny-Code-Draft"])
+def test_a_mistyped_name_fails_at_once_with_the_closest_one(typo):
+    started = time.perf_counter()
+    with pytest.raises(NotFoundError) as info:
+        tk.load(typo)
+    assert time.perf_counter() - started < 10        # no rounds of network retries
+    close = {"tiny-coder": "tiny-code", "tiny_code_moe": "tiny-code-moe",
+             "Tiny-Code-Draft": "tiny-code-draft"}[typo]
+    assert f"did you mean '{close}'?" in str(info.value) and info.value.param == "model"
+    assert "tiny-code, tiny-code-moe, tiny-code-draft" in str(info.value)
 
 
 def test_hub_id_loads_from_the_cache_offline(llama_dir, tmp_path):

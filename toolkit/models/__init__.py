@@ -7,6 +7,7 @@ names differ between architectures.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -127,10 +128,15 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
 
 
 def _from_hub(loader: Any, hub_id: str, **kwargs: Any) -> Any:
-    """Use the local HF cache first; go online only when allowed and needed."""
+    """Use the local HF cache first; go online only when allowed and needed. A name
+    without an organisation (`tiny-coder`) is far likelier a typo than one of the hub's
+    few legacy unprefixed ids, so it is looked up in the cache only, and fails at once with
+    the closest names we know instead of after a minute of network retries."""
     try:
         return loader.from_pretrained(hub_id, local_files_only=True, **kwargs)
     except OSError as cached_exc:
+        if "/" not in hub_id:
+            raise NotFoundError(_unknown_name(hub_id), "model") from cached_exc
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         if offline:
             raise NotFoundError(f"hub model '{hub_id}' is not in the local Hugging Face cache "
@@ -139,8 +145,18 @@ def _from_hub(loader: Any, hub_id: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(hub_id, **kwargs)
     except OSError as exc:
         raise NotFoundError(f"hub model '{hub_id}' could not be loaded: not in the local "
-                            f"Hugging Face cache, and the hub did not provide it ({exc})",
-                            "model") from exc
+                            f"Hugging Face cache, and the hub did not provide it ({exc}). "
+                            f"Without network access, set HF_HUB_OFFLINE=1 so that a missing "
+                            f"model fails at once instead of after retries", "model") from exc
+
+
+def _unknown_name(name: str) -> str:
+    """Say that `name` is neither an embedded model, a folder nor a cached hub model,
+    with the closest embedded name when there is one."""
+    close = difflib.get_close_matches(name, ZOO_NAMES, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (f"no model named '{name}'{hint} Embedded models: "
+            f"{', '.join(ZOO_NAMES)}; or give a local folder, or a hub id as 'org/name'")
 
 
 def describe(model: Any, tokenizer: Any, name: str, source: str, path: str) -> ModelInfo:
