@@ -285,3 +285,18 @@ def test_raw_output_streams_on_each_finishing_chunk(llm):
             if c.raw_output is not None:
                 raw[c.index] = c.raw_output
     assert raw == {c.index: c.raw_output for c in whole.choices}
+
+
+def test_a_chat_request_is_told_this_is_the_completions_api(llm):
+    with pytest.raises(InvalidRequestError) as info:
+        llm.completions.create(messages=[{"role": "user", "content": "hi"}])
+    assert info.value.param == "messages" and "prompt" in str(info.value)
+
+
+def test_a_prompt_over_the_window_gets_only_our_error(caplog, capfd):
+    llm = tk.load("tiny-code", compile=False)   # its tokenizer knows the window (and warns
+    with pytest.raises(InvalidRequestError, match="context window") as info:    # once)
+        llm.completions.create(prompt="x = 1\n" * 400, max_tokens=1)
+    assert info.value.param == "prompt"
+    captured = capfd.readouterr()
+    assert "Token indices" not in captured.err + captured.out + caplog.text

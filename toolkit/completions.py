@@ -110,7 +110,10 @@ class Completions:
         vocab = self._llm.info.vocab_size
         prompts = []
         for p in req.prompts:
-            ids = self._llm.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+            # verbose=False: a prompt over the context window gets our error (below), not
+            # the tokenizer's warning first
+            ids = self._llm.tokenizer(p, verbose=False)["input_ids"] if isinstance(p, str) \
+                else list(p)
             if not ids:
                 raise InvalidRequestError("prompt is empty (and the tokenizer adds no BOS "
                                           "token)", "prompt")

@@ -231,12 +231,23 @@ _EXPECTED = {
 }
 
 
+# Fields of neighbouring APIs that people pass here by habit, and what to say about them.
+_OTHER_API = {
+    "messages": "this is the completions API (/v1/completions), which takes a 'prompt'; "
+                "chat completions (messages) are not mirrored: format the conversation into "
+                "a prompt string",
+}
+
+
 def validate_request(fields: Any) -> CompletionRequest:
     """Validate request fields; raise `InvalidRequestError` naming the first bad one."""
     if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
         raise InvalidRequestError("a request is a mapping of field names to values, got "
                                   f"{brief(fields)}", "request")
     for name, value in fields.items():
+        if name in _OTHER_API:
+            raise InvalidRequestError(f"'{name}' is not a field of this API: "
+                                      f"{_OTHER_API[name]}", name)
         if name not in CompletionRequest.model_fields:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")[:80]
             raise InvalidRequestError(f"Unrecognized request argument supplied: {shown}",
