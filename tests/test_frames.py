@@ -152,3 +152,24 @@ def test_activation_layers_are_the_residual_streams(llama_dir, lean):
     with pytest.raises(ValueError, match="activation_layers"):
         fr.activations(llm.completions.create(prompt=PROMPT, max_tokens=2, logprobs=True),
                        layer=0)
+
+
+def test_a_big_response_shows_itself_in_a_few_lines(llm):
+    resp = llm.completions.create(prompt=PROMPT, n=12, max_tokens=40, seed=1, logprobs=True,
+                                  top_logprobs=5, include_last_activation=True)
+    assert len(str(resp.model_dump())) > 100_000
+    text = repr(resp)
+    assert str(resp) == text and len(text) < 1500 and len(text.splitlines()) == 10
+    assert f"{resp.usage.completion_tokens} completion tokens" in text
+    assert "4 more choices" in text and "[7] length" in text
+    page = resp._repr_html_()
+    assert len(page) < 20_000 and page.count("<tr>") == 1 + 8 + 1 + 12
+    first = resp.choices[0].logprobs.content[0]
+    assert f"{first.logprob:.3f}" in page
+    chunk = next(iter(llm.completions.create(prompt=PROMPT, max_tokens=3, stream=True)))
+    assert repr(chunk).startswith("LocalChunk(") and len(chunk._repr_html_()) < 2000
+
+
+def test_displays_show_whitespace():
+    from toolkit.display import visible
+    assert visible(" x\n\tq\x00") == "·x↵⇥q\\x00"

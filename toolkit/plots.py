@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import frames
+from .display import visible
 
 Frameable = Union[pd.DataFrame, Any]
 
@@ -24,12 +25,6 @@ def _ink(image: Any, value: float) -> str:
     return "k" if high > low and (value - low) / (high - low) > 0.6 else "w"
 
 
-def _show(token: str) -> str:
-    """A token as a label: visible whitespace, escaped control characters."""
-    token = token.replace("\n", "↵").replace("\t", "⇥").replace(" ", "·")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token)
-
-
 def logprob_strip(data: Frameable, choice: int = 0, per_row: int = 16) -> Figure:
     """The tokens of a choice in reading order, each cell coloured by its logprob."""
     tok = _frame(data, frames.tokens)
@@ -42,7 +37,7 @@ def logprob_strip(data: Frameable, choice: int = 0, per_row: int = 16) -> Figure
     image = ax.imshow(grid, cmap="RdYlGn", vmin=min(-8.0, np.nanmin(grid, initial=0)), vmax=0,
                       aspect="auto")
     for k, token in enumerate(tok.token):
-        ax.text(k % per_row, k // per_row, _show(token)[:8], ha="center", va="center",
+        ax.text(k % per_row, k // per_row, visible(token)[:8], ha="center", va="center",
                 fontsize=7)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(f"choice {choice}: logprob of each token")
@@ -62,7 +57,7 @@ def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
     values = table.to_numpy(dtype=float)
     for (r, p), token in np.ndenumerate(labels.to_numpy()):
         if isinstance(token, str):
-            ax.text(p, r, _show(token)[:6], ha="center", va="center", fontsize=7,
+            ax.text(p, r, visible(token)[:6], ha="center", va="center", fontsize=7,
                     color=_ink(image, values[r, p]))
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(len(table)), table.index)

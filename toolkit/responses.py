@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from .captures import encode_activation, encode_routing
+from .display import html_repr, text_repr
 from .engine.outputs import TokenLog
 from .engine.sequence import Job
 from .frames import ChoiceDetails, FrameMethods
@@ -21,14 +22,26 @@ from .schema import (Completion, CompletionChunk, CompletionRequest, LegacyLogpr
                      TopLogprob, Usage)
 
 
-class LocalCompletion(Completion, FrameMethods):
+class _Shown:
+    """A few lines in a console, a small table in a notebook (`toolkit.display`)."""
+
+    def __repr__(self) -> str:
+        return text_repr(self)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        return html_repr(self)
+
+
+class LocalCompletion(_Shown, Completion, FrameMethods):
     """A response made in-process: the wire object (what `model_dump` gives), plus
     `details` per choice for the frames, and the frame functions as methods."""
 
     details: dict[int, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
 
-class LocalChunk(CompletionChunk, FrameMethods):
+class LocalChunk(_Shown, CompletionChunk, FrameMethods):
     """A stream chunk made in-process; see `LocalCompletion`."""
 
     details: dict[int, Any] = Field(default_factory=dict, exclude=True, repr=False)
