@@ -208,3 +208,30 @@ def test_random_unknown_fields_are_refused(base, name):
 @given(base=_valid_fields())
 def test_random_valid_requests_are_accepted(base):
     assert validate_request(base).prompt == base["prompt"]
+
+
+def test_create_has_the_schemas_signature_and_documents_every_field(llm):
+    import inspect
+    import pydoc
+
+    from toolkit.completions import REQUIRED
+
+    create = llm.completions.create
+    params = {p.name: p for p in inspect.signature(create).parameters.values()
+              if p.kind is p.KEYWORD_ONLY}
+    fields = CompletionRequest.model_fields
+    assert list(params) == ["prompt"] + [name for name in fields if name != "prompt"]
+    doc = " ".join(create.__doc__.split())
+    for name, info in fields.items():
+        if info.is_required():
+            assert params[name].default is REQUIRED
+        else:
+            assert params[name].default == info.default, name
+        assert info.description and f"{name}: {' '.join(info.description.split())}" in doc
+    page = pydoc.render_doc(create)
+    assert "temperature: 'Optional[float]' = None" in page and "0 to 2" in page
+
+
+def test_leaving_out_the_prompt_is_the_apis_error(llm):
+    with pytest.raises(InvalidRequestError, match="Missing required field 'prompt'"):
+        llm.completions.create(max_tokens=1)

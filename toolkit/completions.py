@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
 from typing import Sequence as SequenceOf
 
 from .engine.outputs import Capture, TokenLog, Update
@@ -28,10 +28,20 @@ from .frames import ChoiceDetails
 from .responses import (LocalChunk, LocalCompletion, TokenText, choice_logprobs,
                         content_entries, details, perf_metrics, raw_output, usage,
                         wants_content)
-from .schema import Choice, CompletionRequest, validate_request
+from .schema import Choice, CompletionRequest, field_docs, validate_request
 
 if TYPE_CHECKING:
     from .llm import LLM
+
+class _Required:
+    """The default of `create`'s `prompt`: leaving it out is the API's 400, not a
+    TypeError, so that `create(messages=...)` can be told what this API takes instead."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
 
 # Fields with issues of their own; until they land, a clear error rather than a silent no-op.
 _NOT_YET = {
@@ -47,13 +57,44 @@ class Completions:
     def __init__(self, llm: "LLM") -> None:
         self._llm = llm
 
-    def create(self, /, **fields: Any) -> Union[LocalCompletion, Iterator[LocalChunk]]:
-        """Run a completion request; every field of the hosted API is accepted."""
-        run = self._prepare(fields, time.perf_counter())
+    def create(self, /, *, prompt: Union[str, list[str], list[int], list[list[int]]]
+               = REQUIRED, model: Optional[str] = None, user: Optional[str] = None,
+               prompt_cache_max_len: Optional[int] = None,
+               prompt_cache_isolation_key: Optional[str] = None,
+               raw_output: Optional[bool] = False,
+               perf_metrics_in_response: Optional[bool] = False,
+               stream: Optional[bool] = False, n: int = 1,
+               stop: Union[str, list[str], None] = None, max_tokens: Optional[int] = None,
+               max_completion_tokens: Optional[int] = None,
+               temperature: Optional[float] = None, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, min_p: Optional[float] = None,
+               typical_p: Optional[float] = None, frequency_penalty: Optional[float] = None,
+               presence_penalty: Optional[float] = None,
+               repetition_penalty: Optional[float] = None,
+               mirostat_target: Optional[float] = None, mirostat_lr: Optional[float] = None,
+               seed: Optional[int] = None, logprobs: Union[bool, int, None] = None,
+               top_logprobs: Optional[int] = None, echo: Optional[bool] = False,
+               echo_last: Optional[int] = None, ignore_eos: bool = False,
+               context_length_exceeded_behavior: Literal["error", "truncate"] = "truncate",
+               response_format: Optional[dict[str, Any]] = None,
+               logit_bias: Optional[dict[Union[str, int], float]] = None,
+               speculation: Union[str, list[int], None] = None,
+               prediction: Union[dict[str, Any], str, None] = None,
+               metadata: Optional[dict[str, str]] = None,
+               reasoning_effort: Union[str, bool, int, None] = None,
+               return_token_ids: Optional[bool] = False, images: Optional[list[str]] = None,
+               include_last_activation: bool = False, include_routing_matrix: bool = False,
+               activation_layers: Optional[list[int]] = None, **unknown: Any
+               ) -> Union[LocalCompletion, Iterator[LocalChunk]]:
+        # (the docstring is written from the schema's field descriptions: see below)
+        fields = {name: value for name, value in locals().items()
+                  if name not in ("self", "unknown") and value is not REQUIRED}
+        run = self._prepare({**fields, **unknown}, time.perf_counter())
         return run.stream() if run.req.stream else run.complete()
 
     def create_batch(self, requests: SequenceOf[dict[str, Any]]) -> list[LocalCompletion]:
-        """Run several whole (non-streaming) requests. Those that differ only in sampling
+        """Run several whole (non-streaming) requests, each a dict of `create`'s fields.
+        Those that differ only in sampling
         knobs and seed share one decode loop, each row keeping its own knobs and seed
         stream, so the results equal one `create` per request at a fraction of the cost:
         a sweep over knobs costs about one request per prompt setting."""
@@ -155,6 +196,16 @@ class Completions:
                    stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len)
+
+
+Completions.create.__doc__ = """Run a completion request: the hosted `/v1/completions` fields,
+by name, with their defaults and ranges (and the toolkit's extensions).
+
+Returns a `LocalCompletion` (its `model_dump(exclude_none=True)` is the hosted API's JSON;
+`resp.tokens()` and the other frames are methods), or with `stream=True` an iterator of
+`LocalChunk`s. A bad value raises `toolkit.errors.InvalidRequestError` naming the field.
+
+""" + field_docs(first="prompt")
 
 
 def _run_together(llm: "LLM", runs: list["_Run"]) -> None:

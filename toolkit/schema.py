@@ -12,6 +12,7 @@ so the official SDK types parse them.
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -75,49 +76,124 @@ class PredictedOutput(_Request):
 class CompletionRequest(_Request):
     """Every request field of `/v1/completions`, plus the toolkit extensions."""
 
-    # `model` is required by the hosted API; in-process it defaults to the loaded model.
-    model: Optional[str] = None
-    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
-    user: Optional[str] = None
-    prompt_cache_max_len: Optional[Annotated[int, Field(ge=0)]] = None
-    prompt_cache_isolation_key: Optional[str] = None
-    raw_output: Optional[bool] = False
-    perf_metrics_in_response: Optional[bool] = False
-    stream: Optional[bool] = False
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    stop: Union[str, list[str], None] = None
-    max_tokens: Optional[Annotated[int, Field(ge=0)]] = None
-    max_completion_tokens: Optional[Annotated[int, Field(ge=0)]] = None
-    temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
-    top_k: Optional[Annotated[int, Field(ge=0, le=100)]] = None
-    top_p: Optional[Prob] = None
-    min_p: Optional[Prob] = None
-    typical_p: Optional[Prob] = None
-    frequency_penalty: Optional[Penalty] = None
-    presence_penalty: Optional[Penalty] = None
-    repetition_penalty: Optional[Annotated[float, Field(ge=0, le=2)]] = None
-    mirostat_target: Optional[Annotated[float, Field(gt=0)]] = None
-    mirostat_lr: Optional[Annotated[float, Field(gt=0, le=1)]] = None
-    seed: Optional[Annotated[int, Field(ge=-(2**63), lt=2**64)]] = None
-    logprobs: Union[bool, Annotated[int, Field(ge=0, le=5)], None] = None
-    top_logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = None
-    echo: Optional[bool] = False
-    echo_last: Optional[Annotated[int, Field(ge=0)]] = None
-    ignore_eos: bool = False
-    context_length_exceeded_behavior: Literal["error", "truncate"] = "truncate"
-    response_format: Optional[ResponseFormat] = None
-    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
-    speculation: Union[str, list[TokenId], None] = None
-    prediction: Union[PredictedOutput, str, None] = None
-    metadata: Optional[dict[str, str]] = None
+    model: Optional[str] = Field(
+        None, description="Name of the model to use. In-process it defaults to the loaded "
+        "model; the engine answers to its own name and to the `aliases` given to "
+        "`toolkit.load`, any other name is a 404.")
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
+        description="The prompt(s): a string, a list of strings, a list of token ids, or a "
+        "list of token-id lists. Each prompt yields `n` choices; choice index = prompt "
+        "index * n + j.")
+    user: Optional[str] = Field(
+        None, description="An identifier of your end user, kept with the request in "
+        "`llm.request_log`.")
+    prompt_cache_max_len: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="Reuse at most this many cached prompt tokens (whole 64-token "
+        "blocks); 0 disables the prefix cache for this request.")
+    prompt_cache_isolation_key: Optional[str] = Field(
+        None, description="Requests share cached prompt blocks only when their keys are "
+        "equal.")
+    raw_output: Optional[bool] = Field(
+        False, description="Also return the raw output: prompt fragments, prompt token ids "
+        "(BOS included), the whole completion before stop trimming, and its logprobs.")
+    perf_metrics_in_response: Optional[bool] = Field(
+        False, description="Include `perf_metrics` (timings, token counts) in the response "
+        "body; when streaming, on the last chunk (the one that sets a finish_reason).")
+    stream: Optional[bool] = Field(
+        False, description="Return an iterator of `CompletionChunk`s as tokens are "
+        "produced.")
+    n: Annotated[int, Field(ge=1, le=128)] = Field(
+        1, description="How many completions to generate for each prompt; 1 to 128.")
+    stop: Union[str, list[str], None] = Field(
+        None, description="Up to 4 strings that end a completion, matched on text across "
+        "token boundaries; the returned text excludes them.")
+    max_tokens: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="Maximum number of tokens to generate (default 2048), lowered to "
+        "fit the context window unless `context_length_exceeded_behavior='error'`.")
+    max_completion_tokens: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="Alias of `max_tokens`; give one or the other.")
+    temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = Field(
+        None, description="Sampling temperature, 0 to 2 (default 1); 0 decodes greedily.")
+    top_k: Optional[Annotated[int, Field(ge=0, le=100)]] = Field(
+        None, description="Sample from the k most likely tokens only, 0 to 100; 0 (the "
+        "default) is off.")
+    top_p: Optional[Prob] = Field(
+        None, description="Nucleus sampling: the smallest set of most likely tokens whose "
+        "probability reaches top_p, 0 to 1 (default 1, off).")
+    min_p: Optional[Prob] = Field(
+        None, description="Keep tokens at least min_p times as likely as the most likely "
+        "one, 0 to 1 (default 0, off).")
+    typical_p: Optional[Prob] = Field(
+        None, description="Locally typical sampling: the tokens whose surprise is closest "
+        "to the entropy, up to this mass, 0 to 1 (default 1, off).")
+    frequency_penalty: Optional[Penalty] = Field(
+        None, description="Subtract this times a token's count in the output from its "
+        "logit, -2 to 2 (default 0).")
+    presence_penalty: Optional[Penalty] = Field(
+        None, description="Subtract this from the logit of every token already in the "
+        "output, -2 to 2 (default 0).")
+    repetition_penalty: Optional[Annotated[float, Field(ge=0, le=2)]] = Field(
+        None, description="Divide positive (multiply negative) logits of tokens seen in "
+        "the prompt or output by this, 0 to 2 (default 1, off).")
+    mirostat_target: Optional[Annotated[float, Field(gt=0)]] = Field(
+        None, description="Mirostat v2: target surprise in bits; when set, it replaces "
+        "top-k/top-p/min-p/typical-p.")
+    mirostat_lr: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(
+        None, description="Mirostat's learning rate, above 0 up to 1 (default 0.1).")
+    seed: Optional[Annotated[int, Field(ge=-(2**63), lt=2**64)]] = Field(
+        None, description="Seed for sampling: choice j of prompt i draws from its own "
+        "stream derived from (seed, i, j), so results do not depend on the batch.")
+    logprobs: Union[bool, Annotated[int, Field(ge=0, le=5)], None] = Field(
+        None, description="True: logprobs in the OpenAI format (`content` entries, "
+        "alternatives by `top_logprobs`); an integer N (0 to 5): the legacy format with N "
+        "alternatives.")
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=5)]] = Field(
+        None, description="How many alternatives per token, 0 to 5; needs `logprobs`.")
+    echo: Optional[bool] = Field(
+        False, description="Prepend the prompt to the text, and its tokens (with logprobs) "
+        "to the logprobs.")
+    echo_last: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="Echo only the last N prompt tokens.")
+    ignore_eos: bool = Field(
+        False, description="Keep generating past the end-of-sequence token.")
+    context_length_exceeded_behavior: Literal["error", "truncate"] = Field(
+        "truncate", description="'truncate' (default) lowers max_tokens to fit the context "
+        "window; 'error' refuses the request.")
+    response_format: Optional[ResponseFormat] = Field(
+        None, description="Force the output's format: {'type': 'text'} (the default); "
+        "other types are refused by this engine for now.")
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
+        None, description="Token id (as a string or an int) to a bias from -100 to 100, "
+        "added to that token's logit before sampling.")
+    speculation: Union[str, list[TokenId], None] = Field(
+        None, description="A predicted continuation (text or token ids) for speculative "
+        "decoding; refused by this engine for now.")
+    prediction: Union[PredictedOutput, str, None] = Field(
+        None, description="OpenAI's predicted output ({'type': 'content', 'content': ...} "
+        "or a string), turned into `speculation`.")
+    metadata: Optional[dict[str, str]] = Field(
+        None, description="String keys and values kept with the request in "
+        "`llm.request_log`.")
     reasoning_effort: Union[Literal["low", "medium", "high", "none"], bool,
-                            Annotated[int, Field(ge=0)], None] = None
-    return_token_ids: Optional[bool] = False
-    images: Optional[list[str]] = None
+                            Annotated[int, Field(ge=0)], None] = Field(
+        None, description="'none', 'low', 'medium', 'high', a boolean or a token budget, "
+        "for reasoning models; refused by this engine for now.")
+    return_token_ids: Optional[bool] = Field(
+        False, description="Return the prompt's and each completion's token ids.")
+    images: Optional[list[str]] = Field(
+        None, description="Data URLs of images for vision-language models; refused by this "
+        "engine for now.")
     # toolkit extensions
-    include_last_activation: bool = False
-    include_routing_matrix: bool = False
-    activation_layers: Optional[list[int]] = None
+    include_last_activation: bool = Field(
+        False, description="toolkit extension: each token's `last_activation`, base64 "
+        "float32 of the final-norm hidden state that scored it (needs logprobs=True or "
+        "nothing else).")
+    include_routing_matrix: bool = Field(
+        False, description="Each token's `routing_matrix` on mixture-of-experts models: "
+        "base64 uint8 [moe_layers, experts_per_token].")
+    activation_layers: Optional[list[int]] = Field(
+        None, description="toolkit extension: also keep the residual stream after these "
+        "layers, for `frames.activations(layer=...)` (not on the wire).")
 
     @field_validator("prompt")
     @classmethod
@@ -217,6 +293,20 @@ class CompletionRequest(_Request):
     @property
     def stop_sequences(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def field_docs(first: Optional[str] = None) -> str:
+    """Every request field with its description, for docstrings (`first` listed first)."""
+    names = list(CompletionRequest.model_fields)
+    if first is not None:
+        names.remove(first)
+        names.insert(0, first)
+    out = []
+    for name in names:
+        text = CompletionRequest.model_fields[name].description or ""
+        out.append(textwrap.fill(text, 88, initial_indent=f"{name}: ",
+                                 subsequent_indent="    "))
+    return "\n".join(out) + "\n"
 
 
 # What each union-typed field accepts, for error messages clearer than pydantic's
