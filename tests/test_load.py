@@ -149,3 +149,29 @@ def test_cli_describes_a_model_and_runs_a_completion(llama_dir, capsys):
     out = capsys.readouterr().out
     assert "top alternatives" in out and "finish_reason=length" in out
     assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 5
+    assert "\033[" not in out                   # no terminal escapes into a pipe or file
+    main([str(llama_dir), "--max-tokens", "4", "--n", "2", "--stream", "--seed", "3"])
+    assert capsys.readouterr().out.count("\n") >= 2
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--temperature", "5"], "temperature"),
+    (["--top-logprobs", "9"], "top_logprobs"),
+    (["tiny-coder"], "did you mean 'tiny-code'?"),
+    (["--max-tokens", "many"], "invalid int value"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(argv, says):
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("toolkit: error: ") and says in last
+    if argv[0] == "--temperature":             # refused before any model was loaded
+        assert "LLM(" not in run.stdout
+
+
+def test_cli_help_shows_defaults_zoo_names_and_the_request_options():
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    for text in ("--n", "--top-logprobs", "--stream", "tiny-code-moe", "default: 32"):
+        assert text in run.stdout
