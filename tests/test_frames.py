@@ -124,8 +124,42 @@ def test_choices_and_perf_frames(llm):
     assert ch.sum_logprob[0] == pytest.approx(done.logprob.sum())
     assert ch.perplexity[0] == pytest.approx(math.exp(-done.logprob.mean()))
     perf = fr.perf(resp)
-    assert len(perf) == 1 and perf["prompt-tokens"][0] == resp.usage.prompt_tokens
+    assert len(perf) == 1 and perf["prompt_tokens"][0] == resp.usage.prompt_tokens
+    assert all("-" not in column for column in perf.columns)          # one naming rule
+    assert perf["server_time_to_first_token"][0] == \
+        resp.perf_metrics["server-time-to-first-token"]
+    assert perf["cached_prompt_tokens"][0] == resp.perf_metrics["cached-prompt-tokens"]
     assert fr.perf([resp, resp]).shape[0] == 2
+
+
+def test_frames_and_plots_say_what_a_response_lacks(llm, moe_llm):
+    import toolkit.plots as plots
+    bare = llm.completions.create(prompt=PROMPT, max_tokens=3, seed=0)
+    with pytest.warns(fr.EmptyFrameWarning, match="logprobs=True") as caught:
+        assert fr.tokens(bare).empty
+    assert caught[0].filename == __file__           # points at the caller's line
+    with_lp = llm.completions.create(prompt=PROMPT, max_tokens=3, seed=0, logprobs=True)
+    with pytest.warns(fr.EmptyFrameWarning, match="top_logprobs=1..5"):
+        assert fr.top_logprobs(with_lp).empty
+    with pytest.warns(fr.EmptyFrameWarning, match="include_last_activation=True"):
+        assert fr.activations(with_lp).empty
+    with pytest.warns(fr.EmptyFrameWarning, match="include_routing_matrix=True"):
+        assert fr.routing(moe_llm.completions.create(prompt=PROMPT, max_tokens=2,
+                                                     logprobs=True)).empty
+    for plot, kw in [(plots.logprob_strip, "logprobs=True"), (plots.entropy_curve, "logprobs"),
+                     (plots.top_k_heatmap, "top_logprobs")]:
+        with pytest.raises(ValueError, match=kw):
+            plot(bare)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # a full response: no warning at all
+        full = llm.completions.create(prompt=PROMPT, max_tokens=3, seed=0, logprobs=True,
+                                      top_logprobs=2, include_last_activation=True)
+        for frame in (fr.tokens, fr.top_logprobs, fr.activations, fr.choices):
+            assert not frame(full).empty
+        chunks = list(llm.completions.create(prompt=PROMPT, max_tokens=3, seed=0,
+                                             logprobs=True, top_logprobs=2, stream=True))
+        fr.tokens(chunks[-1]), fr.top_logprobs(chunks[-1])
 
 
 @pytest.mark.parametrize("lean", [True, False])

@@ -11,6 +11,9 @@ functions as methods too (`resp.tokens()`), through the `FrameMethods` mixin.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -22,6 +25,35 @@ from .schema import Completion, CompletionChunk, LegacyLogprobs, LogprobsContent
 
 Response = Union[Completion, CompletionChunk, Sequence[CompletionChunk]]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+class EmptyFrameWarning(UserWarning):
+    """A frame came out empty because the response lacks what it is made of."""
+
+
+_ASK = {"logprobs": "logprobs=True (or an integer, for the legacy format)",
+        "top logprobs": "logprobs=True with top_logprobs=1..5",
+        "last activations": "include_last_activation=True",
+        "routing matrices": "include_routing_matrix=True, on a mixture-of-experts model"}
+
+
+def _missing(what: str) -> None:
+    """Warn, pointing at the caller's line outside toolkit (plots and sweeps call frames)."""
+    frame, level = sys._getframe(), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"the response carries no {what}: request it with {_ASK[what]}",
+                  EmptyFrameWarning, stacklevel=level)
+
+
+def _explain_empty(merged: list["_Choice"], what: str) -> None:
+    """Warn that the response lacks `what`, unless it simply has no tokens (a chunk that
+    only finishes a choice)."""
+    if merged and (any(c.entries for c in merged) or not any(c.has_logprobs for c in merged)):
+        _missing(what)
 
 
 @dataclass
@@ -82,6 +114,7 @@ class _Choice:
     entropies: list[Optional[float]] = field(default_factory=list)
     router_weights: list[Any] = field(default_factory=list)
     layers: list[Any] = field(default_factory=list)
+    has_logprobs: bool = False         # some chunk of it carried a logprobs object
 
 
 def _entries(logprobs: Any) -> list[LogprobsContent]:
@@ -111,6 +144,7 @@ def _choices(resp: Response) -> list[_Choice]:
             m.text += c.text
             m.finish_reason = c.finish_reason or m.finish_reason
             m.entries += _entries(c.logprobs)
+            m.has_logprobs = m.has_logprobs or c.logprobs is not None
             d = extra.get(c.index)
             if d is not None:
                 m.details = m.details or d
@@ -153,7 +187,10 @@ def _rank(c: _Choice, k: int) -> Optional[int]:
 def tokens(resp: Response) -> pd.DataFrame:
     """One row per (choice, position) of every token with logprobs."""
     rows = []
-    for c in _choices(resp):
+    merged = _choices(resp)
+    if merged and not any(c.has_logprobs for c in merged):
+        _missing("logprobs")
+    for c in merged:
         start = c.details.start if c.details else 0
         positions = [start + k for k in range(len(c.entries))]
         for k, (e, pos, seg) in enumerate(zip(c.entries, positions, _segments(c, positions))):
@@ -178,7 +215,10 @@ def tokens(resp: Response) -> pd.DataFrame:
 def top_logprobs(resp: Response) -> pd.DataFrame:
     """Long format: one row per (choice, position, rank) alternative."""
     rows = []
-    for c in _choices(resp):
+    merged = _choices(resp)
+    if not any(e.top_logprobs for c in merged for e in c.entries):
+        _explain_empty(merged, "top logprobs")
+    for c in merged:
         start = c.details.start if c.details else 0
         for k, e in enumerate(c.entries):
             for r, alt in enumerate(e.top_logprobs or [], start=1):
@@ -210,6 +250,8 @@ def activation_matrix(resp: Response, layer: Optional[int] = None
             elif e.last_activation is not None:
                 index.append((c.index, start + k))
                 vectors.append(decode_activation(e.last_activation))
+    if not vectors and layer is None:
+        _explain_empty(_choices(resp), "last activations")
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
     return pd.MultiIndex.from_tuples(index, names=["choice", "position"]), matrix
 
@@ -253,6 +295,8 @@ def routing(resp: Response, experts_per_token: Optional[int] = None) -> pd.DataF
                     rows.append({"choice": c.index, "position": start + idx, "layer": layer,
                                  "k": slot, "expert": int(expert),
                                  "weight": weights[layer][slot] if weights else math.nan})
+    if not rows:
+        _explain_empty(_choices(resp), "routing matrices")
     frame = pd.DataFrame(rows, columns=["choice", "position", "layer", "k", "expert",
                                         "weight"])
     return frame.astype({"choice": "int64", "position": "int64", "layer": "int64",
@@ -280,7 +324,12 @@ def choices(resp: Response) -> pd.DataFrame:
 
 
 def perf(resp: Union[Response, Iterable[Completion]]) -> pd.DataFrame:
-    """One row per response: id, model, usage and every perf metric it carries."""
+    """One row per response: id, model, created, its usage and every perf metric it
+    carries. Column names follow one rule, snake_case: usage fields by their wire names
+    (the cached prompt tokens as `cached_prompt_tokens`), perf metrics with their hyphens
+    as underscores (`server-time-to-first-token` -> `server_time_to_first_token`); a
+    number both give (prompt tokens, cached prompt tokens) is one column. Durations are in
+    seconds. For a stream, the last chunk carries them."""
     if isinstance(resp, (Completion, CompletionChunk)):
         responses = [resp]
     else:
@@ -293,8 +342,9 @@ def perf(resp: Union[Response, Iterable[Completion]]) -> pd.DataFrame:
             row.update(prompt_tokens=r.usage.prompt_tokens,
                        completion_tokens=r.usage.completion_tokens,
                        total_tokens=r.usage.total_tokens,
-                       cached_tokens=(r.usage.prompt_tokens_details.cached_tokens
-                                      if r.usage.prompt_tokens_details else 0))
-        row.update(r.perf_metrics or {})
+                       cached_prompt_tokens=(r.usage.prompt_tokens_details.cached_tokens
+                                             if r.usage.prompt_tokens_details else 0))
+        row.update({key.replace("-", "_"): value
+                    for key, value in (r.perf_metrics or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -3,6 +3,7 @@ and returns the `Figure`, drawing nothing globally, so notebooks show it and tes
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -15,8 +16,15 @@ from .display import visible
 Frameable = Union[pd.DataFrame, Any]
 
 
-def _frame(data: Frameable, make: Any) -> pd.DataFrame:
-    return data if isinstance(data, pd.DataFrame) else make(data)
+def _frame(data: Frameable, make: Any, what: str) -> pd.DataFrame:
+    """The frame a plot draws; an empty one is an error naming what to ask for, rather
+    than a blank figure."""
+    with warnings.catch_warnings():       # the error below says it, once
+        warnings.simplefilter("ignore", frames.EmptyFrameWarning)
+        frame = data if isinstance(data, pd.DataFrame) else make(data)
+    if frame.empty:
+        raise ValueError(f"nothing to plot: the response has no {what}")
+    return frame
 
 
 def _ink(image: Any, value: float) -> str:
@@ -27,7 +35,7 @@ def _ink(image: Any, value: float) -> str:
 
 def logprob_strip(data: Frameable, choice: int = 0, per_row: int = 16) -> Figure:
     """The tokens of a choice in reading order, each cell coloured by its logprob."""
-    tok = _frame(data, frames.tokens)
+    tok = _frame(data, frames.tokens, "logprobs (ask for logprobs=True)")
     tok = tok[tok.choice == choice].reset_index(drop=True)
     rows = max(1, -(-len(tok) // per_row))
     grid = np.full((rows, per_row), np.nan)
@@ -47,7 +55,8 @@ def logprob_strip(data: Frameable, choice: int = 0, per_row: int = 16) -> Figure
 
 def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
     """Positions x rank: the logprob of each top alternative, labelled with its token."""
-    top = _frame(data, frames.top_logprobs)
+    top = _frame(data, frames.top_logprobs,
+                 "top logprobs (ask for logprobs=True and top_logprobs=1..5)")
     top = top[top.choice == choice]
     table = top.pivot(index="rank", columns="position", values="logprob")
     labels = top.pivot(index="rank", columns="position", values="token")
@@ -70,7 +79,7 @@ def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
 def entropy_curve(data: Frameable) -> Figure:
     """Entropy of the next-token distribution along each choice, with the chosen token's
     surprise (-logprob) for comparison."""
-    tok = _frame(data, frames.tokens)
+    tok = _frame(data, frames.tokens, "logprobs (ask for logprobs=True)")
     fig = Figure(figsize=(7, 3))
     ax = fig.add_subplot()
     for choice, rows in tok.groupby("choice"):
@@ -84,7 +93,8 @@ def entropy_curve(data: Frameable) -> Figure:
 
 def expert_usage(data: Frameable, num_experts: Optional[int] = None) -> Figure:
     """Layer x expert heatmap of how many tokens each expert received."""
-    route = _frame(data, frames.routing)
+    route = _frame(data, frames.routing, "routing matrices (ask for "
+                   "include_routing_matrix=True, on a mixture-of-experts model)")
     experts = num_experts or int(route.expert.max()) + 1
     counts = pd.crosstab(route.layer, route.expert).reindex(columns=range(experts),
                                                             fill_value=0)
