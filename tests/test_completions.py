@@ -293,3 +293,27 @@ def test_every_response_shape_parses_with_the_sdks(llm, moe_llm, kw):
         check_chunk(chunk)
     moe = {**kw, "include_routing_matrix": True} if kw.get("logprobs") in (True, None) else kw
     check_completion(moe_llm.completions.create(**moe))
+
+
+def test_a_long_request_shows_a_progress_bar_unless_switched_off(llama_dir, monkeypatch,
+                                                                  capsys):
+    import toolkit.completions
+    monkeypatch.setattr(toolkit.completions, "_PROGRESS_AFTER_S", 0)   # "long" at once
+    llm = tk.load(llama_dir, compile=False)
+    llm.completions.create(prompt=PROMPT, max_tokens=20, n=2, ignore_eos=True)
+    err = capsys.readouterr().err
+    assert "tiny-llama:" in err and "/40 " in err and "tok/s" in err
+    llm.progress = False
+    llm.completions.create(prompt=PROMPT, max_tokens=20, ignore_eos=True)
+    assert capsys.readouterr().err == ""
+    llm.progress = True
+    tk.sweep(llm, PROMPT, temperature=[0.5, 1.0], progress=False)    # its own bar only
+    assert capsys.readouterr().err == ""
+
+
+def test_the_repr_tells_the_compile_state(llama_dir):
+    assert "decode step" not in repr(tk.load(llama_dir, compile=False))
+    llm = tk.load(llama_dir, compile=True)
+    assert "decode step compiling" in repr(llm) or "decode step compiled" in repr(llm)
+    llm.engine.runner.step.wait()
+    assert repr(llm).endswith("decode step compiled)")

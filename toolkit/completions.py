@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
 from typing import Sequence as SequenceOf
 
+from tqdm.auto import tqdm
+
 from .engine.outputs import Capture, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
@@ -42,6 +44,7 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+_PROGRESS_AFTER_S = 2.0      # a request that finishes sooner shows no bar
 
 # Fields with issues of their own; until they land, a clear error rather than a silent no-op.
 _NOT_YET = {
@@ -92,12 +95,14 @@ class Completions:
         run = self._prepare({**fields, **unknown}, time.perf_counter())
         return run.stream() if run.req.stream else run.complete()
 
-    def create_batch(self, requests: SequenceOf[dict[str, Any]]) -> list[LocalCompletion]:
+    def create_batch(self, requests: SequenceOf[dict[str, Any]],
+                     progress: Optional[bool] = None) -> list[LocalCompletion]:
         """Run several whole (non-streaming) requests, each a dict of `create`'s fields.
         Those that differ only in sampling
         knobs and seed share one decode loop, each row keeping its own knobs and seed
         stream, so the results equal one `create` per request at a fraction of the cost:
-        a sweep over knobs costs about one request per prompt setting."""
+        a sweep over knobs costs about one request per prompt setting. `progress`
+        (default: `llm.progress`) shows a bar when the batch runs longer than 2 s."""
         started = time.perf_counter()
         if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__"):
             raise InvalidRequestError(f"create_batch takes a list of requests, got "
@@ -110,7 +115,7 @@ class Completions:
         for run in runs:
             groups.setdefault(run.job.batch_key, []).append(run)
         for group in groups.values():
-            _run_together(self._llm, group)
+            _run_together(self._llm, group, progress)
         return [run.response() for run in runs]
 
     def _prepare(self, fields: Any, started: float) -> "_Run":
@@ -208,9 +213,10 @@ Returns a `LocalCompletion` (its `model_dump(exclude_none=True)` is the hosted A
 """ + field_docs(first="prompt")
 
 
-def _run_together(llm: "LLM", runs: list["_Run"]) -> None:
+def _run_together(llm: "LLM", runs: list["_Run"], progress: Optional[bool] = None) -> None:
     """Run requests with the same `Job.batch_key` as one engine job; each takes its own
-    rows of every update, renumbered as if it had run alone."""
+    rows of every update, renumbered as if it had run alone. A bar (tokens, tokens/s)
+    appears if it runs longer than 2 s and `progress` (default `llm.progress`) allows."""
     jobs = [run.job for run in runs]
     merged = dataclasses.replace(
         jobs[0], prompts=tuple(p for j in jobs for p in j.prompts),
@@ -220,20 +226,47 @@ def _run_together(llm: "LLM", runs: list["_Run"]) -> None:
         echo=tuple(e for j in jobs for e in j.echo))
     handle = llm.engine.submit(merged)
     status = "cancelled"
+    bar = _Progress(sum(merged.max_new) * merged.n, runs[0].model.rsplit("/", 1)[-1],
+                    llm.progress if progress is None else progress)
     try:
         for update in handle:
             for k, run in enumerate(runs):
                 run.apply(update, k)
+            bar.update(sum(len(row.tokens) for row in update.rows))
             if update.done:
                 status = "completed"
     except Exception:
         status = "error"
         raise
     finally:
+        bar.close()
         handle.close()
         for run in runs:
             run.concurrent = handle.concurrent
             run.log(status)
+
+
+class _Progress:
+    """A bar (tokens, tokens/s) that comes into being only once a request has run for
+    `_PROGRESS_AFTER_S`: a short request makes no bar at all (in a notebook, even a bar
+    never shown would leave a widget in the saved file)."""
+
+    def __init__(self, total: int, name: str, enabled: bool) -> None:
+        self.total, self.name, self.enabled = total, name, enabled
+        self.started, self.done = time.perf_counter(), 0
+        self.bar: Optional[Any] = None
+
+    def update(self, tokens: int) -> None:
+        self.done += tokens
+        if self.bar is not None:
+            self.bar.update(tokens)
+        elif self.enabled and time.perf_counter() - self.started >= _PROGRESS_AFTER_S:
+            self.bar = tqdm(total=self.total, initial=self.done, unit="tok", desc=self.name,
+                            leave=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass

@@ -26,13 +26,14 @@ class LLM:
                  draft: Optional[LoadedModel] = None, aliases: Sequence[str] = (),
                  spec: Optional[dict[str, Any]] = None,
                  prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
-                 compile: Optional[bool] = None) -> None:
+                 compile: Optional[bool] = None, progress: bool = True) -> None:
         self.target = target
         self.draft = draft
         self.device = device
         self.dtype = dtype
         self.aliases = tuple(aliases)
         self.spec = spec or {}
+        self.progress = progress        # a bar for whole requests that run over 2 s
         self.engine = Engine(target.model, target.tokenizer, target.info,
                              prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
                              compile=compile)
@@ -74,9 +75,11 @@ class LLM:
         info = self.info
         moe = f", moe={info.num_experts}x{info.experts_per_token}" if info.is_moe else ""
         draft = f", draft={self.draft.info.name!r}" if self.draft else ""
+        step = self.engine.runner.step
+        compiled = f", decode step {step.state}" if step is not None else ""
         return (f"LLM({info.name!r}, {info.architecture}, {info.num_parameters / 1e6:.1f}M "
                 f"params, context={info.context_length}{moe}{draft}, device={self.device}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')})")
+                f"dtype={str(self.dtype).removeprefix('torch.')}{compiled})")
 
 
 def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
@@ -84,7 +87,8 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
          dtype: Union[str, torch.dtype, None] = None,
          draft_model: Union[str, os.PathLike, None] = None,
          aliases: Sequence[str] = (), prefix_cache_bytes: int = 256 * 2**20,
-         lean_forward: bool = True, compile: Optional[bool] = None) -> LLM:
+         lean_forward: bool = True, compile: Optional[bool] = None,
+         progress: bool = True) -> LLM:
     """Load a model by embedded name, local folder or hub id.
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
@@ -94,12 +98,15 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     `lean_forward=False` runs the HF forward even where the lean one applies. `compile`
     decides whether the lean forward's single-row decode step is compiled by inductor:
     `None` compiles it on a CPU (a one-time cost of some seconds per model shape, cached on
-    disk; decoding then runs several times faster), `False` keeps everything eager.
+    disk; decoding then runs several times faster), `False` keeps everything eager; its
+    state shows in the `LLM`'s repr and is logged (logger "toolkit"). `progress` shows a
+    bar (tokens, tokens/s) for whole requests that run longer than 2 s (`llm.progress`
+    switches it later); a stream shows its own progress.
     """
     spec = {"name_or_path": os.fspath(name_or_path), "device": device, "dtype": dtype,
             "draft_model": None if draft_model is None else os.fspath(draft_model),
             "aliases": list(aliases), "prefix_cache_bytes": prefix_cache_bytes,
-            "lean_forward": lean_forward, "compile": compile}
+            "lean_forward": lean_forward, "compile": compile, "progress": progress}
     if isinstance(aliases, str):
         raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
     dev = resolve_device(device)
@@ -113,4 +120,4 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
                                       f"tokenizer of {target.info.name!r}", "draft_model")
     return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec,
                prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
-               compile=compile)
+               compile=compile, progress=progress)

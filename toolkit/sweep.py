@@ -36,7 +36,8 @@ def sweep(llm: Any, prompt: Any, *, n: int = 4, seed: int = 0, max_tokens: int =
                 batch = settings[start:start + size]
                 responses = llm.completions.create_batch([
                     dict(prompt=prompt, n=n, seed=seed, max_tokens=max_tokens,
-                         logprobs=True, **(fixed or {}), **setting) for setting in batch])
+                         logprobs=True, **(fixed or {}), **setting) for setting in batch],
+                    progress=False)                  # the sweep's own bar says it
                 for setting, resp in zip(batch, responses):
                     part = frames.choices(resp)
                     for name, value in reversed(setting.items()):

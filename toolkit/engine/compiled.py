@@ -19,7 +19,10 @@ graph serves every length.
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -27,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .lean import KVCache, LeanModel, rope
+
+log = logging.getLogger("toolkit")
 
 
 def narrowest(w: torch.Tensor) -> torch.Tensor:
@@ -136,6 +141,13 @@ class CompiledStep:
         """Whether calls now run the compiled graph."""
         return self._done.is_set() and self.error is None
 
+    @property
+    def state(self) -> str:
+        """'compiling', 'compiled', or 'unavailable' (it failed; decoding stays eager)."""
+        if not self._done.is_set():
+            return "compiling"
+        return "compiled" if self.error is None else "unavailable"
+
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the background compile has finished; returns `ready`."""
         self._done.wait(timeout)
@@ -143,14 +155,25 @@ class CompiledStep:
 
     def _warm_up(self) -> None:
         """Compile by stepping a throwaway one-row cache (its sizes are marked dynamic, so
-        the graph it leaves behind serves every real cache)."""
+        the graph it leaves behind serves every real cache). At low priority: requests
+        decoding eagerly meanwhile keep the cores first (the C++ compiler processes this
+        thread starts inherit its niceness). Without it, a first request of 200 tokens
+        took 12.4 s during a cold compile on 2 cores; with it, 1.0 s (0.8 s eager alone)."""
         _allow_recompiles()
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        except (AttributeError, OSError):      # not Linux, or not allowed: full priority
+            pass
+        started = time.perf_counter()
+        log.info("toolkit: compiling the decode step in the background")
         try:
             with torch.inference_mode():
                 token = torch.zeros(1, dtype=torch.long, device=self.lean.device)
                 self._run(self.lean.new_cache(rows=1, capacity=4), token, 2)
         except Exception as err:
             self.error = err
+        log.info("toolkit: decode step %s in %.1f s",
+                 "unavailable" if self.error else "compiled", time.perf_counter() - started)
         self._done.set()
 
     def __call__(self, cache: KVCache, token: torch.Tensor, position: int

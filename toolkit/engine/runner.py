@@ -56,6 +56,8 @@ class Runner(Protocol):
     """The forward passes of one model, over a per-job state (its KV cache) from `start`.
     Rows are a job's choices; a row's positions fill from 0 without gaps."""
 
+    step: Optional[CompiledStep]      # the compiled one-row decode step, where there is one
+
     def start(self, rows: int, capacity: int) -> Any:
         """A fresh state for `rows` rows, sized for about `capacity` positions."""
 
@@ -132,6 +134,7 @@ class LeanRunner:
 
 
 class HFRunner:
+    step: Optional[CompiledStep] = None       # nothing is compiled for the HF forward
     def __init__(self, model: Any, info: ModelInfo) -> None:
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
