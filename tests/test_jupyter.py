@@ -52,11 +52,11 @@ def test_sweep_frame_and_grid(llm, tmp_path):
 def test_sweep_interrupt_keeps_finished_rows(llm, monkeypatch):
     create_batch, calls = llm.completions.create_batch, {"n": 0}
 
-    def flaky(requests):
+    def flaky(requests, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return create_batch(requests)
+        return create_batch(requests, **kwargs)
 
     monkeypatch.setattr(llm.completions, "create_batch", flaky)
     with warnings.catch_warnings(record=True) as caught:
@@ -132,3 +132,19 @@ def test_sweep_explorer_runs_and_plots(llm):
     sx.x_values.value = ""
     sx.run.click()
     assert "at least one value" in sx.error.value
+
+
+def test_plot_labels_read_whole(llm):
+    resp = llm.completions.create(prompt="def add(a, b):\n    return a + b\n", max_tokens=0,
+                                  echo=True, logprobs=True)
+    fig = tk.plots.entropy_curve(resp)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[1:4] == [tk.display.visible(t) for t in resp.tokens().token[1:4]]
+    many = llm.completions.create(prompt="x", n=2, max_tokens=5, seed=0, logprobs=True)
+    ticks = tk.plots.entropy_curve(many).axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)          # whole positions only
+    grid = tk.sweep(llm, "x", n=3, max_tokens=4, temperature=[0.5, 1.0], top_p=[0.9, 1.0],
+                    progress=False)
+    assert tk.plots.sweep_grid(grid, "temperature", "top_p").axes[0].get_title() == \
+        "distinct completions (of 3)"

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import frames
 from .display import visible
@@ -60,13 +61,15 @@ def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
     top = top[top.choice == choice]
     table = top.pivot(index="rank", columns="position", values="logprob")
     labels = top.pivot(index="rank", columns="position", values="token")
-    fig = Figure(figsize=(max(4, 0.7 * table.shape[1]), 0.5 * len(table) + 1.2))
+    fig = Figure(figsize=(max(4, 0.95 * table.shape[1]), 0.5 * len(table) + 1.2))
     ax = fig.add_subplot()
     image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto")
     values = table.to_numpy(dtype=float)
     for (r, p), token in np.ndenumerate(labels.to_numpy()):
         if isinstance(token, str):
-            ax.text(p, r, visible(token)[:6], ha="center", va="center", fontsize=7,
+            shown = visible(token)
+            ax.text(p, r, shown if len(shown) <= 9 else shown[:8] + "…", ha="center",
+                    va="center", fontsize=6.5, family="monospace",
                     color=_ink(image, values[r, p]))
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(len(table)), table.index)
@@ -76,17 +79,25 @@ def top_k_heatmap(data: Frameable, choice: int = 0) -> Figure:
     return fig
 
 
-def entropy_curve(data: Frameable) -> Figure:
+def entropy_curve(data: Frameable, max_labels: int = 48) -> Figure:
     """Entropy of the next-token distribution along each choice, with the chosen token's
-    surprise (-logprob) for comparison."""
+    surprise (-logprob) for comparison. Positions are whole numbers; for one choice of up
+    to `max_labels` tokens, each is labelled with its token."""
     tok = _frame(data, frames.tokens, "logprobs (ask for logprobs=True)")
-    fig = Figure(figsize=(7, 3))
+    fig = Figure(figsize=(max(7.0, 0.22 * len(tok)), 3.4))
     ax = fig.add_subplot()
     for choice, rows in tok.groupby("choice"):
         line, = ax.plot(rows.position, rows.entropy, label=f"entropy, choice {choice}")
         ax.plot(rows.position, -rows.logprob, ":", color=line.get_color(),
                 label=f"surprise, choice {choice}")
-    ax.set_xlabel("position"), ax.set_ylabel("nats")
+    if tok.choice.nunique() == 1 and len(tok) <= max_labels:
+        ax.set_xticks(tok.position, [visible(t)[:10] for t in tok.token], rotation=90,
+                      fontsize=7, family="monospace")
+        ax.set_xlabel("token (by position)")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("position")
+    ax.set_ylabel("nats")
     ax.legend(fontsize=7, ncol=2)
     return fig
 
@@ -114,8 +125,10 @@ def sweep_grid(frame: pd.DataFrame, x: str, y: str, value: str = "distinct",
     or "distinct": the number of distinct completions per cell."""
     if value == "distinct":
         table = frame.groupby([y, x]).text.nunique().unstack(x)
+        title = f"distinct completions (of {frame.groupby([y, x]).size().max()})"
     else:
         table = frame.groupby([y, x])[value].agg(agg).unstack(x)
+        title = f"{agg} {value}"
     fig = Figure(figsize=(1.1 * table.shape[1] + 2, 0.7 * table.shape[0] + 1.2))
     ax = fig.add_subplot()
     image = ax.imshow(table.to_numpy(dtype=float), cmap="cividis", aspect="auto",
@@ -126,6 +139,6 @@ def sweep_grid(frame: pd.DataFrame, x: str, y: str, value: str = "distinct",
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(table.shape[0]), table.index)
     ax.set_xlabel(x), ax.set_ylabel(y)
-    ax.set_title(value if value == "distinct" else f"{agg} {value}")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.03)
     return fig
