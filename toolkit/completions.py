@@ -379,9 +379,13 @@ class _Run:
         return details(c.prompt_index, len(prompt), logs, first, self.job.capture.layers,
                        self.llm.info.num_layers)
 
-    def _raw_output(self, c: _ChoiceState, entries: Optional[list]) -> Any:
+    def _raw_output(self, c: _ChoiceState, entries: Optional[list] = None) -> Any:
+        """The choice's raw output when asked for; `entries` are its whole content
+        entries when the caller has them already (built here otherwise)."""
         if not self.req.raw_output:
             return None
+        if entries is None and wants_content(self.req):
+            entries = self._entries(c, 0, len(c.out), True)
         return raw_output(self.req, self.job, c.prompt_index, c.out,
                           self.echoes[c.prompt_index], entries)
 
@@ -413,9 +417,7 @@ class _Run:
         choice = Choice(
             index=c.index, text=delta, finish_reason=c.finish_reason,
             logprobs=None if entries is None else choice_logprobs(req, entries),
-            raw_output=self._raw_output(c, self._entries(c, 0, end, True)
-                                        if wants_content(req) else None)
-            if c.finish_reason else None,
+            raw_output=self._raw_output(c) if c.finish_reason else None,
             prompt_token_ids=list(self.job.prompts[c.prompt_index])
             if req.return_token_ids and first else None,
             token_ids=c.out.ids[start:end] if req.return_token_ids else None)
