@@ -219,7 +219,7 @@ def test_sampling_never_picks_a_token_of_zero_probability(llm):
     ({"mirostat_target": float("inf")}, "mirostat_target"),
     ({"reasoning_effort": 0}, "reasoning_effort"),
     ({"reasoning_effort": False}, "reasoning_effort"),
-    ({"speculation": []}, "speculation"),
+    ({"speculation": [10**5000]}, "speculation"),
 ])
 def test_bad_input_is_an_invalid_request_naming_the_field(llm, fields, param):
     with pytest.raises(InvalidRequestError) as info:

@@ -48,7 +48,6 @@ _PROGRESS_AFTER_S = 2.0      # a request that finishes sooner shows no bar
 
 # Fields with issues of their own; until they land, a clear error rather than a silent no-op.
 _NOT_YET = {
-    "speculation": "speculative decoding (speculation / prediction)",
     "reasoning_effort": "reasoning_effort",
     "images": "images (vision-language input)",
 }
@@ -184,6 +183,7 @@ class Completions:
                     f"prompt ({len(ids)} tokens) plus max_tokens ({brief(req.max_new_tokens)})"
                     f" exceeds the context window of {window}", "max_tokens")
             max_new.append(min(req.max_new_tokens, window - len(ids)))
+        speculation = self._speculation(req, window)
         echo = [len(ids) if req.echo else min(req.echo_last or 0, len(ids)) for ids in prompts]
         knobs = {**vars(req), "logit_bias": {int(k): v for k, v in
                                              (req.logit_bias or {}).items()}}
@@ -200,7 +200,24 @@ class Completions:
                                    routing=req.include_routing_matrix, layers=layers),
                    stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
-                   cache_max_len=req.prompt_cache_max_len)
+                   cache_max_len=req.prompt_cache_max_len, speculation=speculation)
+
+    def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
+        """The predicted output as token ids (text is tokenized without special tokens:
+        it continues the prompt)."""
+        guess = req.speculation
+        if guess is None:
+            return None
+        ids = self._llm.tokenizer(guess, add_special_tokens=False, verbose=False)[
+            "input_ids"] if isinstance(guess, str) else list(guess)
+        vocab = self._llm.info.vocab_size
+        if ids and max(ids) >= vocab:
+            raise InvalidRequestError(f"speculation token id {brief(max(ids))} is outside "
+                                      f"the vocabulary of {vocab}", "speculation")
+        if len(ids) > window:
+            raise InvalidRequestError(f"the prediction is {len(ids)} tokens, longer than the "
+                                      f"context window of {window}", "speculation")
+        return tuple(ids)
 
 
 Completions.create.__doc__ = """Run a completion request: the hosted `/v1/completions` fields,
@@ -433,12 +450,13 @@ class _Run:
         if not self.req.perf_metrics_in_response:
             return None
         return perf_metrics(self.job, self.timings, self.model, self.started, self.tokenized,
-                            self.concurrent, sum(self.cached))
+                            self.concurrent, sum(self.cached), [c.out for c in self.choices])
 
     def log(self, status: str) -> None:
         req = self.req
         timings = perf_metrics(self.job, self.timings, self.model, self.started,
-                               self.tokenized, self.concurrent, sum(self.cached)) \
+                               self.tokenized, self.concurrent, sum(self.cached),
+                               [c.out for c in self.choices]) \
             if "prefill_end" in self.timings else {}
         self.llm.request_log.record({
             "id": self.id, "created": self.created, "model": self.model, "status": status,

@@ -13,6 +13,7 @@ import torch
 
 from .completions import Completions
 from .engine.engine import Engine
+from .engine.speculation import MAX_SPECULATIVE_TOKENS
 from .errors import InvalidRequestError, NotFoundError
 from .models import (DEFAULT_MODEL, LoadedModel, ModelInfo, load_pretrained, resolve_device,
                      resolve_dtype)
@@ -26,7 +27,9 @@ class LLM:
                  draft: Optional[LoadedModel] = None, aliases: Sequence[str] = (),
                  spec: Optional[dict[str, Any]] = None,
                  prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
-                 compile: Optional[bool] = None, progress: bool = True) -> None:
+                 compile: Optional[bool] = None, progress: bool = True,
+                 ngram_speculation: bool = False,
+                 num_speculative_tokens: Optional[int] = None) -> None:
         self.target = target
         self.draft = draft
         self.device = device
@@ -36,7 +39,10 @@ class LLM:
         self.progress = progress        # a bar for whole requests that run over 2 s
         self.engine = Engine(target.model, target.tokenizer, target.info,
                              prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
-                             compile=compile)
+                             compile=compile,
+                             draft=None if draft is None else (draft.model, draft.info),
+                             ngram=ngram_speculation,
+                             speculative_tokens=num_speculative_tokens)
         self.request_log = RequestLog()
         self.completions = Completions(self)
 
@@ -75,6 +81,8 @@ class LLM:
         info = self.info
         moe = f", moe={info.num_experts}x{info.experts_per_token}" if info.is_moe else ""
         draft = f", draft={self.draft.info.name!r}" if self.draft else ""
+        if self.engine.decoder.ngram:
+            draft = ", ngram speculation"
         step = self.engine.runner.step
         compiled = f", decode step {step.state}" if step is not None else ""
         return (f"LLM({info.name!r}, {info.architecture}, {info.num_parameters / 1e6:.1f}M "
@@ -88,12 +96,17 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
          draft_model: Union[str, os.PathLike, None] = None,
          aliases: Sequence[str] = (), prefix_cache_bytes: int = 256 * 2**20,
          lean_forward: bool = True, compile: Optional[bool] = None,
-         progress: bool = True) -> LLM:
+         progress: bool = True, ngram_speculation: bool = False,
+         num_speculative_tokens: Optional[int] = None) -> LLM:
     """Load a model by embedded name, local folder or hub id.
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
-    float32 on a CPU. `draft_model` must share the tokenizer; it proposes tokens for
-    speculative decoding. `aliases` are extra names requests may use in `model`.
+    float32 on a CPU. Speculative decoding, for requests that bring no prediction of their
+    own: `draft_model` (a smaller model with the same tokenizer) or `ngram_speculation`
+    (prompt lookup) proposes `num_speculative_tokens` tokens per step (default 4 for a
+    draft, 8 for n-grams and predictions), which the model checks in one forward; outputs
+    follow the model's own distribution exactly. `aliases` are extra names requests may
+    use in `model`.
     `prefix_cache_bytes` bounds the prompt KV kept for reuse across requests;
     `lean_forward=False` runs the HF forward even where the lean one applies. `compile`
     decides whether the lean forward's single-row decode step is compiled by inductor:
@@ -106,9 +119,20 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     spec = {"name_or_path": os.fspath(name_or_path), "device": device, "dtype": dtype,
             "draft_model": None if draft_model is None else os.fspath(draft_model),
             "aliases": list(aliases), "prefix_cache_bytes": prefix_cache_bytes,
-            "lean_forward": lean_forward, "compile": compile, "progress": progress}
+            "lean_forward": lean_forward, "compile": compile, "progress": progress,
+            "ngram_speculation": ngram_speculation,
+            "num_speculative_tokens": num_speculative_tokens}
     if isinstance(aliases, str):
         raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
+    if num_speculative_tokens is not None and (
+            isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int)
+            or not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS):
+        raise InvalidRequestError(f"num_speculative_tokens must be an integer from 1 to "
+                                  f"{MAX_SPECULATIVE_TOKENS}, got {num_speculative_tokens!r}",
+                                  "num_speculative_tokens")
+    if draft_model is not None and ngram_speculation:
+        raise InvalidRequestError("speculate with a draft_model or with ngram_speculation, "
+                                  "not both", "ngram_speculation")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     target = load_pretrained(name_or_path, dev, dt)
@@ -120,4 +144,5 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
                                       f"tokenizer of {target.info.name!r}", "draft_model")
     return LLM(target, device=dev, dtype=dt, draft=draft, aliases=aliases, spec=spec,
                prefix_cache_bytes=prefix_cache_bytes, lean_forward=lean_forward,
-               compile=compile, progress=progress)
+               compile=compile, progress=progress, ngram_speculation=ngram_speculation,
+               num_speculative_tokens=num_speculative_tokens)

@@ -90,7 +90,38 @@ def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,
                                      bytes=list(names.pieces[i]))
                           for i, lp in zip(t.top_ids, t.top_logprobs)],
             last_activation=None if t.hidden is None else encode_activation(t.hidden),
-            routing_matrix=None if t.experts is None else encode_routing(t.experts)))
+            routing_matrix=None if t.experts is None else encode_routing(t.experts),
+            **_extras(t)))
+    return out
+
+
+def _extras(t: Any) -> dict[str, Any]:
+    """`extra_tokens`/`extra_logprobs` of the token that ended a speculative step: the
+    proposals it threw away, with their raw logprobs where they were proposed."""
+    v = t.verify
+    if v is None or not v.rejected:
+        return {}
+    return {"extra_tokens": list(v.rejected),
+            "extra_logprobs": list(v.target_logprobs[v.accepted:]) or None}
+
+
+def speculation_metrics(job: Job, logs: list[TokenLog]) -> dict[str, Any]:
+    """The hosted API's speculation metrics over the choices' speculative steps; none
+    when nothing was proposed. Acceptance by 0-based proposal position: of the steps that
+    proposed a token there, how many kept it."""
+    steps = [t.verify for log in logs for t in log.tokens if t.verify is not None]
+    if job.speculation is None and not steps:
+        return {}
+    width = max((len(v.proposed) for v in steps), default=0)
+    hits = [sum(v.accepted > k for v in steps) for k in range(width)]
+    totals = [sum(len(v.proposed) > k for v in steps) for k in range(width)]
+    out = {"speculation-generated-tokens": sum(v.accepted for v in steps),
+           "speculation-acceptance": ",".join(f"{k}:{h}/{n}" for k, (h, n)
+                                              in enumerate(zip(hits, totals)))}
+    if job.speculation is not None:
+        out = {"speculation-prompt-tokens": len(job.speculation),
+               "speculation-prompt-matched-tokens": sum(
+                   v.accepted for v in steps if v.source == "prediction"), **out}
     return out
 
 
@@ -142,7 +173,8 @@ def usage(job: Job, completion_tokens: int, cached_tokens: int) -> Usage:
 
 
 def perf_metrics(job: Job, timings: dict[str, float], model: str, started: float,
-                 tokenized: float, concurrent: int, cached_tokens: int) -> dict[str, Any]:
+                 tokenized: float, concurrent: int, cached_tokens: int,
+                 logs: list[TokenLog] = ()) -> dict[str, Any]:
     """The hosted API's perf metric keys, in seconds, measured on this request. `timings`
     are the engine's clock readings (`Update.timings`)."""
     t = timings
@@ -161,4 +193,5 @@ def perf_metrics(job: Job, timings: dict[str, float], model: str, started: float
         "num-concurrent-requests": concurrent,
         "backend-host": socket.gethostname(),
         "deployment": model,
+        **speculation_metrics(job, list(logs)),
     }

@@ -12,23 +12,31 @@ a cached prefix computes exactly what it would have computed without it.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Iterator, Optional
 
 import torch
 
-from .outputs import Capture, RowUpdate, Token, Update
+from .outputs import Capture, RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
 from .runner import Forward, MovesKV, Runner, concat
 from .sampler import Sampler
 from .sequence import Job, Sequence
+from .speculation import (DEFAULT_TOKENS, DraftProposer, NgramProposer, PredictionProposer,
+                          Proposal)
 from .text import StopStrings
 
 
 class Decoder:
     def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
-                 device: torch.device) -> None:
+                 device: torch.device, context: int, draft: Optional[Runner] = None,
+                 ngram: bool = False, speculative_tokens: Optional[int] = None) -> None:
         self.runner = runner
+        self.context = context
+        self.draft = draft                  # speculation, when a request brings no
+        self.ngram = ngram                  # prediction of its own
+        self.speculative_tokens = speculative_tokens
         self.pieces = pieces
         self.prefix_cache = prefix_cache
         self.device = device
@@ -66,27 +74,132 @@ class Decoder:
 
         sampler = Sampler(job.params, [job.prompts[r // n] for r in range(rows)], job.seeds,
                           logits.shape[-1], self.device)
+        proposer = self._proposer(job, sampler, logits.shape[-1])
         stops = StopStrings(job.stops)
-        positions = torch.tensor([len(job.prompts[r // n]) for r in range(rows)],
-                                 device=self.device)
+        # Position of the token each row's next column of logits scores.
+        scoring = [len(job.prompts[r // n]) for r in range(rows)]
+        columns, proposal = [(logits, fwd)], None
         while not done:
-            tokens, sampling_lp = sampler.sample(logits)
-            sampler.update(tokens)
-            new = self._score(job.capture, logits, tokens, sampling_lp, fwd)
-            changed = tuple(self._append(job, s, stops, new[s.index])
-                            for s in seqs if not s.finished)
+            changed = self._walk(job, seqs, sampler, stops, columns, proposal, proposer,
+                                 scoring)
             timings.setdefault("first_token", time.perf_counter())
             done = all(s.finished for s in seqs)
             if done:
                 timings["end"] = time.perf_counter()
             yield Update(changed, dict(timings), done=done)
             if not done:
-                # every row runs (finished ones too), so the batch keeps its shape
-                active = torch.tensor([not s.finished for s in seqs], device=self.device)
-                fwd = self.runner.decode(state, tokens, positions, active,
-                                         job.capture.layers)
-                positions = positions + active
-                logits = fwd.logits
+                columns, proposal = self._feed(job, seqs, proposer, scoring, state)
+
+    # ------------------------------------------------------------------- a step, and a walk
+
+    def _feed(self, job: Job, seqs: list[Sequence], proposer: Any, scoring: list[int],
+              state: Any) -> tuple[list[tuple[torch.Tensor, Forward]], Optional[Proposal]]:
+        """Run each row's pending token (its last), after it the proposer's guesses if
+        any: the columns of logits (and forward outputs) the next walk emits from."""
+        going = [r for r, s in enumerate(seqs) if not s.finished]
+        pending = [s.ids[-1] if s.ids else 0 for s in seqs]
+        at = [scoring[r] - 1 for r in range(len(seqs))]      # the pending tokens' positions
+        active = torch.tensor([not s.finished for s in seqs], device=self.device)
+        proposal = None
+        if proposer is not None:
+            # guesses fit in the row's remaining tokens (the step adds one of its own) and,
+            # padded to the longest, in the context window
+            room = min(self.context - 1 - at[r] for r in going)
+            limits = [max(min(seqs[r].max_new - seqs[r].generated - 1, room), 0)
+                      for r in going]
+            proposal = proposer.propose(going, [s.ids for s in seqs], limits)
+            width = max(map(len, proposal.tokens))
+            if width == 0:
+                proposal = None
+        if proposal is None:
+            fwd = self.runner.decode(state, torch.tensor(pending, device=self.device),
+                                     torch.tensor(at, device=self.device), active,
+                                     job.capture.layers)
+            return [(fwd.logits, fwd)], None
+        fed = [[pending[r]] + g + [0] * (width - len(g)) if not seqs[r].finished
+               else [0] * (width + 1) for r, g in enumerate(proposal.tokens)]
+        starts = [a if not s.finished else 0 for a, s in zip(at, seqs)]
+        fwd = self.runner.extend(state, torch.tensor(fed, device=self.device),
+                                 torch.tensor(starts, device=self.device), active,
+                                 job.capture.layers)
+        return [(fwd.logits[:, j], fwd.column(j)) for j in range(width + 1)], proposal
+
+    def _walk(self, job: Job, seqs: list[Sequence], sampler: Sampler, stops: StopStrings,
+              columns: list[tuple[torch.Tensor, Forward]], proposal: Optional[Proposal],
+              proposer: Any, scoring: list[int]) -> tuple[RowUpdate, ...]:
+        """Emit tokens from the columns: every unfinished row takes a token from the first;
+        a row whose token equals its guess for that column takes one from the next too,
+        and so on. So each row emits its accepted guesses and one token more, exactly the
+        tokens plain decoding would have chosen with those logits and random numbers."""
+        guesses = proposal.tokens if proposal else [[] for _ in seqs]
+        emitted: dict[int, list[Token]] = {r: [] for r, s in enumerate(seqs)
+                                           if not s.finished}
+        going = set(emitted)
+        target_lp = self._guess_logprobs(job.capture, columns, guesses)
+        for j, (logits, fwd) in enumerate(columns):
+            rows = sorted(going)
+            if not rows:
+                break
+            active = torch.zeros(len(seqs), dtype=torch.bool, device=self.device)
+            active[rows] = True
+            proposed = q = None
+            if proposal is not None and j < len(columns) - 1:
+                proposed = torch.tensor([g[j] if j < len(g) else 0 for g in guesses],
+                                        device=self.device)
+                q = None if proposal.q is None else proposal.q[:, j]
+            tokens, sampling_lp = sampler.sample(logits, active, proposed, q)
+            sampler.update(tokens, active)
+            index = torch.tensor(rows, device=self.device)
+            new = self._score(job.capture, logits[index], tokens[index], sampling_lp[index],
+                              fwd.select(rows))
+            for r, token in zip(rows, new):
+                s, g = seqs[r], guesses[r]
+                hit = j < len(g) and token.id == g[j]
+                if hit:
+                    token = dataclasses.replace(token, source=proposer.source)
+                kept = self._append(job, s, stops, token)
+                if hit and not s.finished:
+                    emitted[r].append(token)
+                    continue
+                going.discard(r)
+                if kept:
+                    emitted[r].append(token)
+                if g and emitted[r]:    # the step's record, on the last token it emitted
+                    emitted[r][-1] = dataclasses.replace(emitted[r][-1], verify=Verify(
+                        proposer.source, scoring[r] + 1, tuple(g), j + hit, not hit,
+                        tuple(target_lp[r][:len(g)]) if target_lp else (),
+                        tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs
+                        else ()))
+        for r, tokens in emitted.items():
+            scoring[r] += len(tokens)
+        return tuple(RowUpdate(r, tuple(tokens), seqs[r].finish_reason, seqs[r].stop_at)
+                     for r, tokens in emitted.items())
+
+    @staticmethod
+    def _guess_logprobs(capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
+                        guesses: list[list[int]]) -> Optional[list[list[float]]]:
+        """Each guess's raw logprob at its column, when the request asks for scores."""
+        width = len(columns) - 1
+        if not capture.scores or width == 0:
+            return None
+        logp = torch.stack([c[0] for c in columns[:width]], 1).log_softmax(-1)
+        padded = torch.tensor([g + [0] * (width - len(g)) for g in guesses],
+                              device=logp.device)
+        return logp.gather(2, padded[..., None])[..., 0].tolist()
+
+    def _proposer(self, job: Job, sampler: Sampler, vocab_size: int) -> Any:
+        """What guesses this job's tokens: its prediction, else the engine's draft model
+        or n-gram lookup, else nothing."""
+        depth = lambda source: self.speculative_tokens or DEFAULT_TOKENS[source]
+        if job.speculation is not None:
+            return PredictionProposer(job.speculation, job.rows, depth("prediction"))
+        if self.draft is not None:
+            return DraftProposer(self.draft, sampler, job.prompts, job.n, depth("draft"),
+                                 vocab_size)
+        if self.ngram:
+            prompts = [job.prompts[r // job.n] for r in range(job.rows)]
+            return NgramProposer(prompts, depth("ngram"))
+        return None
 
     # ------------------------------------------------------------------------ the prefill
 
@@ -184,12 +297,13 @@ class Decoder:
                 layers=fwd.layers[k] if fwd.layers is not None else None))
         return out
 
-    def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> RowUpdate:
-        """Add a row's new token; finish the row on EOS, a stop string or its length."""
+    def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> bool:
+        """Add a row's new token; finish the row on EOS, a stop string or its length.
+        False for an EOS that finishes the row: it is not part of the choice."""
         if token.id in job.eos_ids and not job.ignore_eos:
-            s.finish_reason = "stop"        # EOS ends the choice; it is not part of it
-            return RowUpdate(s.index, finish_reason="stop")
-        s.generated += 1
+            s.finish_reason = "stop"
+            return False
+        s.ids.append(token.id)
         before = len(s.text.text)
         s.text.add(token.piece)
         hit = stops.find(s.text.text, before)
@@ -197,4 +311,4 @@ class Decoder:
             s.stop_at, s.finish_reason = hit, "stop"
         elif s.generated >= s.max_new:
             s.finish_reason = "length"
-        return RowUpdate(s.index, (token,), s.finish_reason, s.stop_at)
+        return True

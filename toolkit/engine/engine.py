@@ -84,13 +84,16 @@ class Handle:
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo,
                  prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
-                 compile: Optional[bool] = None) -> None:
+                 compile: Optional[bool] = None, draft: Optional[tuple[Any, ModelInfo]] = None,
+                 ngram: bool = False, speculative_tokens: Optional[int] = None) -> None:
         self.info = info
         self.runner = make_runner(model, info, lean_forward, compile)
+        self.draft = None if draft is None else make_runner(*draft, lean_forward, compile)
         self.pieces = token_bytes_table(tokenizer)
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device)
+        self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
+                               info.context_length, self.draft, ngram, speculative_tokens)
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []

@@ -28,6 +28,30 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Verify:
+    """One speculative step of a row, recorded on the token that ended it: `proposed`
+    tokens were fed to the target after the row's pending token (the first at
+    `position`), the first `accepted` of them were kept, and the step's last token was
+    either sampled in place of a rejected proposal (`resampled`) or, with every proposal
+    accepted, a bonus sampled after them. `target_logprobs` are the proposed tokens' raw
+    logprobs at their positions (when scores were asked for); `draft_logprobs` their
+    log-probabilities under the draft's sampling distribution (draft proposals only)."""
+
+    source: str                       # "prediction", "ngram" or "draft"
+    position: int
+    proposed: tuple[int, ...]
+    accepted: int
+    resampled: bool
+    target_logprobs: tuple[float, ...] = ()
+    draft_logprobs: tuple[float, ...] = ()
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        """The proposed tokens the step threw away."""
+        return self.proposed[self.accepted:]
+
+
+@dataclass(frozen=True)
 class Token:
     """One token and what was recorded for it. `logprob` is under the raw model
     distribution (None for the first prompt token, which has no context, and when no
@@ -46,6 +70,8 @@ class Token:
     experts: Optional[torch.Tensor] = None     # [moe_layers, k]
     weights: Optional[torch.Tensor] = None     # [moe_layers, k], router weights
     layers: Optional[torch.Tensor] = None      # [taps, hidden]
+    source: Optional[str] = None      # the proposer it was accepted from; None: the model
+    verify: Optional[Verify] = None   # on the last token of a speculative step
 
 
 @dataclass

@@ -40,6 +40,10 @@ class Forward:
         index = [index] if isinstance(index, int) else index
         return Forward(*(None if t is None else t[index] for t in self._tensors()))
 
+    def column(self, j: int) -> "Forward":
+        """Position j of every row of a forward over [rows, T] positions."""
+        return Forward(*(None if t is None else t[:, j] for t in self._tensors()))
+
     def _tensors(self) -> list[Optional[torch.Tensor]]:
         return [getattr(self, f.name) for f in fields(self)]
 
@@ -72,6 +76,12 @@ class Runner(Protocol):
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """One token per row at `positions`; returns logits too. Inactive rows may be
         computed (and ignored) so that the batch keeps its shape."""
+
+    def extend(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
+        """T tokens per row [rows, T] at positions.. [rows] (the first token's), dropping
+        whatever the row held from there on (rejected speculation); tensors come back as
+        [rows, T, ...], logits too. Inactive rows may be computed and ignored."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final-norm hidden states."""
@@ -120,6 +130,16 @@ class LeanRunner:
                 return Forward(hidden, experts, weights, layers, logits)
         out = self.lean.forward(tokens[:, None], positions[:, None], cache, slice(None), taps)
         fwd = _forward(out, lambda x: x[:, 0])
+        fwd.logits = self.logits(fwd.hidden)
+        return fwd
+
+    def extend(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
+        """Several tokens per row. Nothing to drop: a row attends only to the positions
+        up to each token's own, so what lies beyond is never read."""
+        span = torch.arange(tokens.shape[1], device=tokens.device)
+        out = self.lean.forward(tokens, positions[:, None] + span, cache, slice(None), taps)
+        fwd = _forward(out, lambda x: x)
         fwd.logits = self.logits(fwd.hidden)
         return fwd
 
@@ -189,10 +209,20 @@ class HFRunner:
 
     def decode(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
-        outs = [self._run(caches, r, [t], taps) if a else None
-                for r, (t, a) in enumerate(zip(tokens.tolist(), active.tolist()))]
+        fwd = self.extend(caches, tokens[:, None], positions, active, taps)
+        return Forward(*(None if t is None else t[:, 0] for t in fwd._tensors()))
+
+    def extend(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
+               active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
+        """Each active row on its own: its cache cut back to `positions`, then its tokens."""
+        outs = []
+        for r, (ids, start, a) in enumerate(zip(tokens.tolist(), positions.tolist(),
+                                                active.tolist())):
+            if a and caches[r] is not None:
+                _crop(caches[r], start)
+            outs.append(self._run(caches, r, ids, taps) if a else None)
         live = next(o for o in outs if o is not None)
-        fill = lambda get: None if get(live) is None else torch.cat(
+        fill = lambda get: None if get(live) is None else torch.stack(
             [get(o) if o is not None else torch.zeros_like(get(live)) for o in outs])
         fwd = Forward(*(fill(lambda o, f=f: getattr(o, f))
                         for f in ("hidden", "experts", "weights", "layers")))
@@ -205,6 +235,15 @@ class HFRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+
+
+def _crop(cache: Any, length: int) -> None:
+    """Cut a `DynamicCache` back to its first `length` positions. (`crop` took the length
+    to keep until transformers 5.x made it the number of tokens to remove.)"""
+    held = cache.get_seq_length()
+    if held > length:
+        keep_arg = "max_length" in inspect.signature(cache.crop).parameters
+        cache.crop(length if keep_arg else held - length)
 
 
 def _forward(out: tuple, pick: Any) -> Forward:

@@ -167,6 +167,14 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return _shift_right(x, 40).float() * 2.0 ** -24
 
 
+_ACCEPT_SALT = _signed(0xD1B54A32D192ED03)   # keeps speculative accept tests apart
+
+
+def _draft_salt(depth: int) -> int:
+    """The seed offset of a draft's depth-th proposal in a step."""
+    return _signed((0x8CB92BA72F3D8DD7 * (depth + 1)) & _MASK64)
+
+
 def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling of one token per row of log-probs [rows, vocab] with the
     uniform numbers u [rows]. Never a token of probability zero: a draw that rounding
@@ -250,28 +258,64 @@ class Sampler:
             x = mirostat_filter(x, self.mu)
         return x
 
-    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, active: Optional[torch.Tensor] = None,
+               proposed: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [rows] and their log-probabilities under the sampling distribution
-        (0.0 for greedy rows, which the distribution puts all its mass on)."""
+        (0.0 for greedy rows, which the distribution puts all its mass on). Only `active`
+        rows (default: all) take a draw or move Mirostat's state.
+
+        With `proposed` tokens [rows] drawn by a draft from its distributions `q` [rows,
+        vocab], the standard speculative rule decides instead: keep the proposal with
+        probability min(1, p/q), else draw from the normalised residual max(0, p - q); the
+        token then follows p exactly. A proposal without `q` (a prediction, an n-gram) needs
+        no rule: the draw from p is the same one plain decoding takes, and the proposal is
+        accepted when it equals it, with probability p(proposal), as DESIGN §3 asks."""
         x = self.process(logits)
         argmax = x.argmax(-1)
+        active = torch.ones_like(self.greedy) if active is None else active
         if self.all_greedy:
             return argmax, torch.zeros(len(x), device=x.device)
         logp = x.log_softmax(-1)
-        drawn = draw(logp, uniform(self.seeds, self.draws))
-        self.draws += 1
+        u = uniform(self.seeds, self.draws)
+        if q is None:
+            drawn = draw(logp, u)
+        else:
+            p = logp.exp()
+            p_d, q_d = p.gather(1, proposed[:, None])[:, 0], q.gather(1, proposed[:, None])[:, 0]
+            keep = uniform(self.seeds ^ _ACCEPT_SALT, self.draws) * q_d < p_d
+            residual = (p - q).clamp_min(0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+            drawn = torch.where(keep, proposed, draw(residual.log(), u))
+        self.draws += active
         tokens = torch.where(self.greedy, argmax, drawn)
         sampling_logprob = torch.where(self.greedy, torch.zeros_like(self.temperature),
                                        logp.gather(1, tokens[:, None])[:, 0])
         if self.use_mirostat:
             surprise = -sampling_logprob / math.log(2)
-            self.mu = torch.where(torch.isfinite(self.mu),
+            self.mu = torch.where(torch.isfinite(self.mu) & active,
                                   self.mu - self.lr * (surprise - self.tau), self.mu)
         return tokens, sampling_logprob
 
-    def update(self, tokens: torch.Tensor) -> None:
-        """Record the tokens just emitted, for the penalties of later steps."""
+    def propose(self, logits: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A draft's proposal for each row from its logits [rows, vocab], processed by this
+        sampler's knobs: (tokens [rows], their distributions q [rows, vocab]). Greedy rows
+        propose their argmax. `depth` (the proposal's place in the step) keeps the draws of
+        a step's proposals apart from each other and from the target's."""
+        x = self.process(logits)
+        argmax = x.argmax(-1)
+        if self.all_greedy:
+            return argmax, torch.zeros_like(x).scatter_(1, argmax[:, None], 1.0)
+        logp = x.log_softmax(-1)
+        drawn = draw(logp, uniform(self.seeds ^ _draft_salt(depth), self.draws))
+        return torch.where(self.greedy, argmax, drawn), logp.exp()
+
+    def update(self, tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> None:
+        """Record the tokens just emitted by `active` rows (default: all), for the
+        penalties of later steps."""
         rows = torch.arange(len(tokens), device=tokens.device)
+        if active is not None:
+            rows, tokens = rows[active], tokens[active]
         if self.seen is not None:
             self.seen[rows, tokens] = True
         if self.counts is not None:

@@ -25,6 +25,7 @@ class Job:
     ignore_eos: bool = False
     cache_key: Optional[str] = None
     cache_max_len: Optional[int] = None   # None: whole prompt; 0: no reuse
+    speculation: Optional[tuple[int, ...]] = None   # a predicted output, as token ids
 
     @property
     def rows(self) -> int:
@@ -35,7 +36,8 @@ class Job:
         """Jobs with equal keys differ only in per-row knobs and seeds: they can share one
         decode loop."""
         return (self.prompts, self.n, self.max_new, self.echo, self.capture, self.stops,
-                self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len)
+                self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len,
+                self.speculation)
 
 
 @dataclass
@@ -45,10 +47,14 @@ class Sequence:
 
     index: int
     max_new: int
-    generated: int = 0
+    ids: list[int] = field(default_factory=list)   # the tokens generated so far
     text: TextBuilder = field(default_factory=TextBuilder)
     finish_reason: Optional[str] = None
     stop_at: Optional[int] = None         # text index where a stop string begins
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids)
 
     @property
     def finished(self) -> bool:
