@@ -16,7 +16,7 @@ PROMPT = "def add(a, b):\n    return a + b\n"
 TOKEN_DTYPES = {"choice": "int64", "prompt_index": "int64", "position": "int64",
                 "segment": "category", "token": "object", "token_id": "int64",
                 "text_offset": "int64", "logprob": "float64", "sampling_logprob": "float64",
-                "rank": "Int64", "entropy": "float64", "speculated": "bool",
+                "rank": "Int64", "entropy": "float64", "speculated": "bool", "source": "object",
                 "finish_reason": "object"}
 
 SHAPES = {

@@ -393,8 +393,8 @@ class _Run:
         echo, prompt = self.echoes[c.prompt_index], self.job.prompts[c.prompt_index]
         logs = ([(echo, 0, len(echo))] if with_echo else []) + [(c.out, start, end)]
         first = len(prompt) - len(echo) if with_echo else len(prompt) + start
-        return details(c.prompt_index, len(prompt), logs, first, self.job.capture.layers,
-                       self.llm.info.num_layers)
+        return details(c.prompt_index, len(prompt), logs, first, self.names,
+                       self.job.capture.layers, self.llm.info.num_layers)
 
     def _raw_output(self, c: _ChoiceState, entries: Optional[list] = None) -> Any:
         """The choice's raw output when asked for; `entries` are its whole content

@@ -71,6 +71,10 @@ class ChoiceDetails:
     layer_ids: tuple[int, ...] = ()    # `activation_layers`, as non-negative indices
     num_layers: int = 0
     layers: list[Optional[np.ndarray]] = field(default_factory=list)   # [taps, hidden]
+    # per token: the proposer a generated token was accepted from ("model" if none; None
+    # for prompt tokens), and on the token that ended a speculative step, its record
+    sources: list[Optional[str]] = field(default_factory=list)
+    steps: list[Optional[dict[str, Any]]] = field(default_factory=list)
 
 
 class FrameMethods:
@@ -100,6 +104,14 @@ class FrameMethods:
         """`toolkit.frames.perf` of this response."""
         return perf(self)
 
+    def speculation(self) -> pd.DataFrame:
+        """`toolkit.frames.speculation` of this response."""
+        return speculation(self)
+
+    def acceptance(self) -> pd.DataFrame:
+        """`toolkit.frames.acceptance` of this response."""
+        return acceptance(self)
+
 
 @dataclass
 class _Choice:
@@ -114,6 +126,8 @@ class _Choice:
     entropies: list[Optional[float]] = field(default_factory=list)
     router_weights: list[Any] = field(default_factory=list)
     layers: list[Any] = field(default_factory=list)
+    sources: list[Optional[str]] = field(default_factory=list)
+    steps: list[Optional[dict[str, Any]]] = field(default_factory=list)
     has_logprobs: bool = False         # some chunk of it carried a logprobs object
 
 
@@ -152,6 +166,8 @@ def _choices(resp: Response) -> list[_Choice]:
                 m.entropies += d.entropies
                 m.router_weights += d.router_weights
                 m.layers += d.layers
+                m.sources += d.sources
+                m.steps += d.steps
     return [merged[i] for i in sorted(merged)]
 
 
@@ -200,16 +216,69 @@ def tokens(resp: Response) -> pd.DataFrame:
                 "text_offset": e.text_offset, "logprob": e.logprob,
                 "sampling_logprob": e.sampling_logprob, "rank": _rank(c, k),
                 "entropy": c.entropies[k] if k < len(c.entropies) else None,
-                "speculated": False, "finish_reason": c.finish_reason})
+                "speculated": _source(c, k) not in (None, "model"), "source": _source(c, k),
+                "finish_reason": c.finish_reason})
     frame = pd.DataFrame(rows, columns=[
         "choice", "prompt_index", "position", "segment", "token", "token_id", "text_offset",
-        "logprob", "sampling_logprob", "rank", "entropy", "speculated", "finish_reason"])
+        "logprob", "sampling_logprob", "rank", "entropy", "speculated", "source",
+        "finish_reason"])
     return frame.astype({"choice": "int64", "prompt_index": "int64", "position": "int64",
                          "segment": pd.CategoricalDtype(["prompt", "reasoning", "completion"]),
                          "token": "object", "token_id": "int64", "text_offset": "int64",
                          "logprob": "float64", "sampling_logprob": "float64",
                          "rank": "Int64", "entropy": "float64", "speculated": "bool",
-                         "finish_reason": "object"})
+                         "source": "object", "finish_reason": "object"})
+
+
+def _source(c: _Choice, k: int) -> Optional[str]:
+    """Where token k came from: a proposer it was accepted from, "model", or None (a
+    prompt token, or a response without details)."""
+    return c.sources[k] if k < len(c.sources) else None
+
+
+SPECULATION_COLUMNS = ["choice", "step", "position", "source", "proposed", "proposed_ids",
+                       "accepted", "resampled", "target_logprobs", "draft_logprobs"]
+
+
+def speculation(resp: Response) -> pd.DataFrame:
+    """One row per speculative step of each choice: where its proposals began
+    (`position`, of the first proposed token), who proposed them (`source`), the proposed
+    tokens and ids, how many the model `accepted`, whether the step's last token replaced
+    a rejected proposal (`resampled`; else every proposal was kept and a bonus token
+    followed), and the proposals' raw logprobs under the model and, for a draft, their
+    log-probabilities under the draft's sampling distribution (lists, one per proposed
+    token; empty without logprobs). Local responses only: the wire keeps just
+    `extra_tokens`."""
+    rows = []
+    for c in _choices(resp):
+        steps = [s for s in c.steps if s is not None]
+        for n, step in enumerate(steps):
+            rows.append({"choice": c.index, "step": n, **step})
+    frame = pd.DataFrame(rows, columns=SPECULATION_COLUMNS)
+    return frame.astype({"choice": "int64", "step": "int64", "position": "int64",
+                         "accepted": "int64", "resampled": "bool"})
+
+
+def acceptance(resp: Union[Response, pd.DataFrame]) -> pd.DataFrame:
+    """Acceptance by proposal position (0 = the first token proposed in a step), over
+    every step of every choice (or of a `speculation` frame): how many steps `proposed` a
+    token there, how many `accepted` it, the unconditional `rate` (accepted / proposed)
+    and the `conditional_rate` (accepted at k / accepted at k - 1: given that every
+    earlier proposal was kept). The mean acceptance length is
+    `speculation(resp).accepted.mean()`."""
+    steps = resp if isinstance(resp, pd.DataFrame) else speculation(resp)
+    width = int(steps.proposed_ids.map(len).max()) if len(steps) else 0
+    rows = []
+    for k in range(width):
+        proposed = int((steps.proposed_ids.map(len) > k).sum())
+        accepted = int((steps.accepted > k).sum())
+        before = proposed if k == 0 else int(((steps.accepted >= k)
+                                               & (steps.proposed_ids.map(len) > k)).sum())
+        rows.append({"position": k, "proposed": proposed, "accepted": accepted,
+                     "rate": accepted / proposed if proposed else math.nan,
+                     "conditional_rate": accepted / before if before else math.nan})
+    return pd.DataFrame(rows, columns=["position", "proposed", "accepted", "rate",
+                                       "conditional_rate"])
 
 
 def top_logprobs(resp: Response) -> pd.DataFrame:

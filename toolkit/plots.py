@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from . import frames
@@ -99,6 +100,47 @@ def entropy_curve(data: Frameable, max_labels: int = 48) -> Figure:
         ax.set_xlabel("position")
     ax.set_ylabel("nats")
     ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def acceptance(resp: Any, choice: int = 0, per_row: int = 16, max_rows: int = 12) -> Figure:
+    """Speculation at a glance: above, the acceptance rate by proposal position (of the
+    steps that proposed a token there, the share that kept it; and given every earlier
+    proposal was kept); below, the first `max_rows` rows of a choice's tokens in reading
+    order, green where accepted from a proposal, orange where the model replaced a
+    rejected proposal, grey where it chose alone (a step's bonus token, or no proposal)."""
+    steps = _frame(resp, frames.speculation, "speculative steps (give a prediction, or load "
+                   "with draft_model= or ngram_speculation=True)")
+    rates = frames.acceptance(steps)
+    tok = _frame(resp, frames.tokens, "logprobs (ask for logprobs=True)")
+    tok = tok[(tok.choice == choice) & (tok.segment != "prompt")].reset_index(drop=True)
+    tok = tok.iloc[:per_row * max_rows]
+    ours = steps[steps.choice == choice]
+    replaced = set((ours.position + ours.accepted)[ours.resampled])
+    rows = max(1, -(-len(tok) // per_row))
+    fig = Figure(figsize=(per_row * 0.62, 2.6 + rows * 0.34))
+    top, bottom = fig.subplots(2, 1, height_ratios=[2.2, rows * 0.34 + 0.3])
+    x = rates.position.to_numpy()
+    top.bar(x - 0.2, rates.rate, 0.4, label="accepted / proposed", color="#4c9a2a")
+    top.bar(x + 0.2, rates.conditional_rate, 0.4, label="given all before it accepted",
+            color="#9ccc65")
+    top.set_xticks(x), top.set_ylim(0, 1.3)
+    top.set_xlabel("proposal position in a step"), top.set_ylabel("acceptance")
+    mean = steps.accepted.mean()
+    top.set_title(f"{len(steps)} steps, {mean:.2f} tokens accepted per step on average")
+    top.legend(fontsize=7, loc="upper center", ncol=2)
+    colour = {True: "#a5d6a7", False: "#eeeeee"}
+    for k, t in enumerate(tok.itertuples()):
+        r, c = divmod(k, per_row)
+        face = "#ffcc80" if t.position in replaced else colour[bool(t.speculated)]
+        bottom.add_patch(Rectangle((c, r), 0.96, 0.9, color=face))
+        bottom.text(c + 0.48, r + 0.45, visible(t.token)[:7], ha="center", va="center",
+                    fontsize=6.5, family="monospace")
+    bottom.set_xlim(0, per_row), bottom.set_ylim(rows, 0)
+    bottom.set_axis_off()
+    bottom.set_title(f"choice {choice}: green accepted from a proposal, orange replaced a "
+                     f"rejected one, grey the model's own", fontsize=8)
+    fig.tight_layout()
     return fig
 
 

@@ -64,15 +64,30 @@ class TokenText:
 
 
 def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, int, int]],
-            start: int, layer_ids: tuple[int, ...] = (), num_layers: int = 0
-            ) -> ChoiceDetails:
-    """Details of the tokens [a, b) of each log, in order."""
+            start: int, names: "TokenText", layer_ids: tuple[int, ...] = (),
+            num_layers: int = 0) -> ChoiceDetails:
+    """Details of the tokens [a, b) of each log, in order; tokens at positions from
+    `prompt_tokens` on were generated."""
     tokens = [t for log, a, b in logs for t in log.tokens[a:b]]
     weights = lambda w: None if w is None else w.tolist()
     array = lambda t: None if t is None else t.to("cpu", torch.float32).numpy()
+    sources = [None if start + k < prompt_tokens else t.source or "model"
+               for k, t in enumerate(tokens)]
     return ChoiceDetails(prompt_index, prompt_tokens, start, [t.rank for t in tokens],
                          [t.entropy for t in tokens], [weights(t.weights) for t in tokens],
-                         layer_ids, num_layers, [array(t.layers) for t in tokens])
+                         layer_ids, num_layers, [array(t.layers) for t in tokens], sources,
+                         [_step(t.verify, names) for t in tokens])
+
+
+def _step(v: Any, names: "TokenText") -> Optional[dict[str, Any]]:
+    """A speculative step's record as `frames.speculation` shows it."""
+    if v is None:
+        return None
+    return {"position": v.position, "source": v.source,
+            "proposed": [names(t) for t in v.proposed], "proposed_ids": list(v.proposed),
+            "accepted": v.accepted, "resampled": v.resampled,
+            "target_logprobs": list(v.target_logprobs),
+            "draft_logprobs": list(v.draft_logprobs)}
 
 
 def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,

@@ -166,7 +166,8 @@ class Decoder:
                     emitted[r].append(token)
                 if g and emitted[r]:    # the step's record, on the last token it emitted
                     emitted[r][-1] = dataclasses.replace(emitted[r][-1], verify=Verify(
-                        proposer.source, scoring[r] + 1, tuple(g), j + hit, not hit,
+                        proposer.source, scoring[r], tuple(g), j + hit,
+                        j < len(g) and not hit,
                         tuple(target_lp[r][:len(g)]) if target_lp else (),
                         tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs
                         else ()))

@@ -238,12 +238,12 @@ class HFRunner:
 
 
 def _crop(cache: Any, length: int) -> None:
-    """Cut a `DynamicCache` back to its first `length` positions. (`crop` took the length
-    to keep until transformers 5.x made it the number of tokens to remove.)"""
+    """Cut a `DynamicCache` back to its first `length` positions. (A negative argument
+    removes that many tokens in every transformers version; a positive one meant the
+    length to keep before 5.x and is refused since.)"""
     held = cache.get_seq_length()
     if held > length:
-        keep_arg = "max_length" in inspect.signature(cache.crop).parameters
-        cache.crop(length if keep_arg else held - length)
+        cache.crop(length - held)
 
 
 def _forward(out: tuple, pick: Any) -> Forward:
