@@ -127,7 +127,12 @@ class NgramProposer:
 class DraftProposer:
     """A draft model's guesses: `depth` tokens sampled one after the other from its
     distributions, processed by the request's own knobs (the target's sampler), so that
-    the accept rule can compare the two models' sampling distributions."""
+    the accept rule can compare the two models' sampling distributions.
+
+    The draft feeds each guess it makes, the last one too, so after a step its cache holds
+    every token the target kept; it only ever needs the one token it has not seen (the
+    step's last), and each feed is a single-token step (compiled, for one row, on a CPU).
+    """
 
     source = "draft"
 
@@ -136,17 +141,15 @@ class DraftProposer:
         self.runner, self.sampler, self.depth = runner, sampler, depth
         self.prompts = [tuple(prompts[r // n]) for r in range(len(prompts) * n)]
         self.vocab_size = vocab_size
-        longest = max(map(len, prompts))
-        self.state = runner.start(len(self.prompts), longest + 64)
+        self.held = [list(p) for p in self.prompts]   # the tokens in each row's draft cache
+        self.agreed = [len(p) for p in self.prompts]  # ... of which this many are certain
+        self.state = runner.start(len(self.prompts), max(map(len, prompts)) + 64)
         for i, ids in enumerate(prompts):
             runner.prefill(self.state, i * n, list(ids), 0)
             runner.fork(self.state, i * n, list(range(i * n + 1, (i + 1) * n)), len(ids))
 
     def propose(self, rows: Sequence[int], outputs: Sequence[Sequence[int]],
                 limits: Sequence[int]) -> Proposal:
-        """Each row's draft first takes the last two tokens of its sequence (the one
-        before the pending token may be a proposal it never saw: the last of a step
-        accepted whole), then one token per guess after the first."""
         count = len(self.prompts)
         depth = min(self.depth, max(limits, default=0))
         if depth == 0:
@@ -154,30 +157,44 @@ class DraftProposer:
         device = self.sampler.seeds.device
         live = torch.zeros(count, dtype=torch.bool, device=device)
         live[list(rows)] = True
-        pairs, starts = [[0, 0]] * count, [0] * count
-        for r in rows:
-            seq = self.prompts[r] + tuple(outputs[r])
-            pairs[r], starts[r] = list(seq[-2:]), len(seq) - 2
-        positions = torch.tensor(starts, device=device)
-        fwd = self.runner.extend(self.state, torch.tensor(pairs, device=device), positions,
-                                 live)
-        logits = fwd.logits[:, 1]
+        seqs = {r: list(self.prompts[r]) + list(outputs[r]) for r in rows}
+        logits = self._catch_up(seqs, live)
+        lengths = torch.tensor([len(seqs[r]) if r in seqs else 1 for r in range(count)],
+                               device=device)
         guesses, qs = [], []
         for k in range(depth):
-            if k:
-                logits = self.runner.decode(self.state, guesses[-1], positions + k + 1,
-                                            live).logits
             token, q = self.sampler.propose(self._fit(logits), k)
             guesses.append(token)
             qs.append(q)
+            logits = self.runner.decode(self.state, token, lengths + k, live).logits
         tokens, q = torch.stack(guesses, 1), torch.stack(qs, 1)
         logq = q.gather(2, tokens[..., None])[..., 0].log()
         out, lps = [[] for _ in range(count)], [[] for _ in range(count)]
         host_tokens, host_lp = tokens.tolist(), logq.tolist()
         for r, limit in zip(rows, limits):
+            self.held[r], self.agreed[r] = seqs[r] + host_tokens[r], len(seqs[r])
             take = min(depth, limit)
             out[r], lps[r] = host_tokens[r][:take], host_lp[r][:take]
         return Proposal(out, q, lps)
+
+    def _catch_up(self, seqs: dict[int, list[int]], live: torch.Tensor) -> torch.Tensor:
+        """Feed each live row the tokens its draft cache lacks (after a step: the one the
+        target chose last), and return the logits after each row's last token."""
+        count, device = len(self.prompts), live.device
+        missing = {}
+        for r, seq in seqs.items():
+            common, held = self.agreed[r], self.held[r]
+            while common < min(len(held), len(seq)) and held[common] == seq[common]:
+                common += 1
+            missing[r] = max(len(seq) - common, 1)    # the last, for its logits
+        width = max(missing.values())
+        fed = [seqs[r][-width:] if r in seqs else [0] * width for r in range(count)]
+        starts = torch.tensor([len(seqs[r]) - width if r in seqs else 0 for r in range(count)],
+                              device=device)
+        tokens = torch.tensor(fed, device=device)
+        if width == 1:
+            return self.runner.decode(self.state, tokens[:, 0], starts, live).logits
+        return self.runner.extend(self.state, tokens, starts, live).logits[:, -1]
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the target's vocabulary (the same tokenizer; the output
