@@ -23,19 +23,25 @@ PROMPTS = [inspect.getsource(f)[:400] for f in (json.dumps, textwrap.dedent, np.
                                                 inspect.getmembers, pytest.approx)]
 
 
+def load(name, **options):
+    """A zoo model in float32 on any device (bfloat16, a GPU's default, would round a
+    several-token verify forward differently from a one-token step), eager."""
+    return tk.load(name, dtype="float32", compile=False, **options)
+
+
 @pytest.fixture(scope="module")
 def zoo():
-    return tk.load("tiny-code", compile=False)
+    return load("tiny-code")
 
 
 @pytest.fixture(scope="module")
 def ngram():
-    return tk.load("tiny-code", compile=False, ngram_speculation=True)
+    return load("tiny-code", ngram_speculation=True)
 
 
 @pytest.fixture(scope="module")
 def draft():
-    return tk.load("tiny-code", compile=False, draft_model="tiny-code-draft")
+    return load("tiny-code", draft_model="tiny-code-draft")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def count_forwards(llm):
 
 
 def test_an_exact_prediction_needs_at_most_a_third_of_the_forwards():
-    llm = tk.load("tiny-code", compile=False)
+    llm = load("tiny-code")
     counter = count_forwards(llm)
     kw = dict(prompt=PROMPTS[1], max_tokens=120, temperature=0, ignore_eos=True)
     plain = llm.completions.create(**kw)
@@ -167,7 +173,7 @@ def test_speculative_sampling_keeps_the_targets_distribution(zoo, draft, knobs, 
     stat, dof = _chi_square(counts, probs, len(seconds))
     assert stat < _chi_square_threshold(dof)
     if source == "draft":       # the test has power: the draft's own distribution fails it
-        q = reference_distribution(tk.load("tiny-code-draft", compile=False), prompt_ids,
+        q = reference_distribution(load("tiny-code-draft"), prompt_ids,
                                    [first], knobs).exp()
         assert _chi_square(counts, q, len(seconds))[0] > _chi_square_threshold(dof)
     steps = llm.completions.create(prompt=PEAKED, max_tokens=4, n=64, seed=0,
@@ -284,11 +290,11 @@ def test_bad_predictions_are_invalid_requests(zoo, fields, param):
 ])
 def test_bad_speculation_options_are_invalid(options, param):
     with pytest.raises(InvalidRequestError) as info:
-        tk.load("tiny-code", compile=False, **options)
+        load("tiny-code", **options)
     assert info.value.param == param
 
 
 def test_a_draft_with_another_tokenizer_is_refused(llama_dir):
     with pytest.raises(InvalidRequestError) as info:
-        tk.load("tiny-code", compile=False, draft_model=llama_dir)
+        load("tiny-code", draft_model=llama_dir)
     assert info.value.param == "draft_model"
