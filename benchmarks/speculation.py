@@ -19,11 +19,11 @@ Writes JSON to benchmarks/results/speculation.json.
 from __future__ import annotations
 
 import argparse
+import heapq
 import inspect
 import json
 import platform
 import statistics
-import string
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import torch
 
 import toolkit as tk
 
-CODE = inspect.getsource(string)[:900]          # held-out-like code to continue
+CODE = inspect.getsource(heapq.nlargest)[:500]   # code to continue: the stdlib's own
 REPEATS = ("class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y"
            "\n\n    def __repr__(self):\n        return f'Point({self.x}, {self.y})'\n\n\n"
            "class Size:\n    def __init__(self, width, height):\n        self.width = width\n")
@@ -64,9 +64,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "speculation.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/speculation.json (speculation_eager.json "
+                             "with --no-compile)")
     args = parser.parse_args()
+    name = "speculation.json" if args.compile else "speculation_eager.json"
+    args.out = args.out or Path(__file__).parent / "results" / name
     opts = dict(compile=args.compile)
     plain = tk.load("tiny-code", **opts)
     draft = tk.load("tiny-code", draft_model="tiny-code-draft", **opts)
