@@ -298,3 +298,22 @@ def test_a_draft_with_another_tokenizer_is_refused(llama_dir):
     with pytest.raises(InvalidRequestError) as info:
         load("tiny-code", draft_model=llama_dir)
     assert info.value.param == "draft_model"
+
+
+def test_a_stop_string_inside_an_accepted_guess_ends_the_choice_there(zoo):
+    plain = greedy(zoo, PROMPTS[1])
+    ids, text = plain.choices[0].token_ids, plain.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    a = greedy(zoo, PROMPTS[1], stop=stop)
+    b = greedy(zoo, PROMPTS[1], stop=stop, speculation=ids)
+    assert a.choices[0].finish_reason == "stop" and len(a.choices[0].token_ids) < len(ids)
+    assert_same(a, b)
+    assert b.speculation().accepted.sum() > 0
+
+
+def test_closing_a_speculative_stream_frees_it(draft):
+    stream = draft.completions.create(prompt=PROMPTS[0], max_tokens=60, stream=True)
+    next(stream), next(stream)
+    stream.close()
+    assert draft.engine.in_flight == 0
+    assert_same(greedy(load("tiny-code"), PROMPTS[0]), greedy(draft, PROMPTS[0]))
