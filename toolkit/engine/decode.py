@@ -1,5 +1,11 @@
 """The decode loop of one job: prefill each prompt once, fork its KV to its n choices, then
-one token per row per step until every row has finished.
+step until every row has finished.
+
+A step feeds each row's pending token (the last it emitted) and, when a proposer
+(`speculation`) guessed how the row goes on, the guesses after it, all in one forward. That
+gives a column of logits per fed token; the *walk* then emits from the columns in order,
+moving to the next column only while the row's token equals its guess there. Without
+guesses a step is plain decoding: one column, one token per row.
 
 `Decoder.run(job)` is a generator of `Update`s, one after the prefill and one per step, so
 the engine can interleave the steps of several jobs. Everything a job allocates
@@ -129,8 +135,10 @@ class Decoder:
               proposer: Any, scoring: list[int]) -> tuple[RowUpdate, ...]:
         """Emit tokens from the columns: every unfinished row takes a token from the first;
         a row whose token equals its guess for that column takes one from the next too,
-        and so on. So each row emits its accepted guesses and one token more, exactly the
-        tokens plain decoding would have chosen with those logits and random numbers."""
+        and so on. So each row emits its accepted guesses and one token more: with guesses
+        from a prediction or n-grams, the very tokens plain decoding draws from those logits
+        with those random numbers; with a draft's, tokens of the same distribution (the
+        sampler's accept rule). The step's record goes on its last token."""
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
         emitted: dict[int, list[Token]] = {r: [] for r, s in enumerate(seqs)
                                            if not s.finished}
