@@ -1,0 +1,160 @@
+"""Decode speed on a GPU against `transformers` `generate()`, same model and run.
+
+    python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small]
+
+The model is DESIGN §8's: a Llama-3.2-1B body (16 layers, 2048 wide, 32/8 heads, 8192 MLP)
+with random weights in bfloat16 and the zoo's 4k tokenizer, built from a config on the GPU
+and saved to a temporary folder that `toolkit.load` reads (no download). `--small` builds a
+tiny one instead, to try the script on a CPU.
+
+Measured, each as tokens/s over `--tokens` new tokens (median of `--repeats` runs after a
+warm-up):
+- batch 1, greedy: the engine with logprobs, top-5 and last activations (capture on) and
+  without them (capture off); `generate()` greedy;
+- n=64 sampling: the engine with logprobs and top-5 against `generate()` with
+  `num_return_sequences=64`; and the same on `tiny-code`;
+- the batch-1 roofline: the weights' bytes over the measured device copy bandwidth.
+Writes JSON to benchmarks/results/gpu_decode.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import toolkit as tk
+from toolkit.models import ZOO_DIR
+
+PROMPT = 'def parse_header(line):\n    """Split a header line into its name and value."""\n'
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read plus write)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() / seconds
+
+
+def build_model(folder: Path, small: bool, device: torch.device) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "tiny-code")
+    shape = (dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2) if small else
+             dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8))
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_theta=500000.0, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **shape)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
+    """Engine and generate() tokens/s for one loaded model."""
+    ids = torch.tensor([llm.tokenizer(PROMPT)["input_ids"]], device=llm.device)
+    eos = llm.info.eos_token_ids[0]
+
+    def engine(n: int = 1, **kw) -> None:
+        resp = llm.completions.create(prompt=PROMPT, max_tokens=tokens, ignore_eos=True,
+                                      n=n, seed=0, **kw)
+        assert resp.usage.completion_tokens == tokens * n
+
+    def generate(n: int = 1) -> None:
+        with torch.inference_mode():
+            out = llm.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                     do_sample=n > 1, num_return_sequences=n,
+                                     pad_token_id=eos)
+        assert out.shape[1] - ids.shape[1] == tokens
+
+    out = {}
+    t = median_time(lambda: engine(temperature=0, logprobs=True, top_logprobs=5,
+                                   include_last_activation=True), repeats)
+    out["batch1_capture_on"] = tokens / t
+    out["batch1_capture_off"] = tokens / median_time(lambda: engine(temperature=0), repeats)
+    out["batch1_generate"] = tokens / median_time(generate, repeats)
+    t = median_time(lambda: engine(n=64, temperature=1.0, logprobs=True, top_logprobs=5),
+                    repeats)
+    out["n64_engine"] = 64 * tokens / t
+    out["n64_generate"] = 64 * tokens / median_time(lambda: generate(64), repeats)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def compiled_step(folder: str, device: torch.device, args: argparse.Namespace) -> dict:
+    """Batch 1 with the one-row step compiled by inductor (`compile=True`; on a GPU it is
+    off by default): how long the compile takes, and tokens/s once it is ready."""
+    started = time.perf_counter()
+    llm = tk.load(folder, device=device, dtype="bfloat16", compile=True)
+    step = llm.engine.runner.step
+    if not step.wait(timeout=240):
+        return {"state": step.state, "error": str(step.error)[:300]}
+    compile_s = time.perf_counter() - started
+    seconds = median_time(lambda: llm.completions.create(
+        prompt=PROMPT, max_tokens=args.tokens, ignore_eos=True, temperature=0, logprobs=True,
+        top_logprobs=5, include_last_activation=True), args.repeats)
+    return {"compile_s": round(compile_s, 1),
+            "batch1_capture_on": round(args.tokens / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "gpu_decode.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "new_tokens": args.tokens}
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(Path(folder), args.small, device)
+        llm = tk.load(folder, device=device, dtype="bfloat16", compile=False)
+        weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+        bandwidth = copy_bandwidth(device)
+        result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+                      roofline_tok_s=round(bandwidth / weights, 1))
+        result["llama_1b_shape"] = rates(llm, args.tokens, args.repeats)
+        del llm
+        result["llama_1b_compiled_step"] = compiled_step(folder, device, args)
+    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", compile=False)
+    result["tiny_code"] = rates(tiny, args.tokens, args.repeats)
+    big = result["llama_1b_shape"]
+    result["batch1_fraction_of_roofline"] = round(big["batch1_capture_on"]
+                                                  / result["roofline_tok_s"], 3)
+    result["n64_ratio"] = round(big["n64_engine"] / big["n64_generate"], 2)
+    result["tiny_n64_ratio"] = round(result["tiny_code"]["n64_engine"]
+                                     / result["tiny_code"]["n64_generate"], 2)
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
