@@ -93,13 +93,15 @@ def test_narrowest_keeps_every_value_exactly():
         assert torch.equal(narrowest(w).float(), w)
 
 
-def test_a_step_that_cannot_compile_falls_back_to_eager(llama_dir, monkeypatch):
+def test_a_step_that_cannot_compile_falls_back_to_eager(llama_dir, monkeypatch, tmp_path):
+    import sys
+
     import toolkit as tk
+    from toolkit.engine import compiled
 
-    def broken(*args):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))      # nothing compiled there
+    monkeypatch.setattr(compiled, "_build_command", lambda spec, path: [
+        sys.executable, "-c", "raise SystemExit('no C++ compiler')"])
     llm = tk.load(llama_dir, compile=True)
     step = llm.engine.runner.step
     assert not step.wait(timeout=60) and "no C++ compiler" in str(step.error)
@@ -143,3 +145,15 @@ def test_gpt2_runs_through_the_hf_runner(tmp_path, llama_dir):
         ref = ref.float().log_softmax(-1).cpu()
     for pos, entry in enumerate(resp.choices[0].logprobs.content[1:], start=1):
         assert entry.logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
+
+
+def test_a_compiled_step_is_kept_for_the_next_model_of_its_shape(llm, monkeypatch):
+    """The `llm` fixture's step was built; another model of that shape loads the package
+    from disk at once, without building anything."""
+    from toolkit.engine import compiled
+
+    monkeypatch.setattr(compiled, "_build_command", lambda spec, path: pytest.fail(
+        "a package on disk was compiled again"))
+    again = compiled.CompiledStep(llm.engine.runner.lean)
+    assert again.path == llm.engine.runner.step.path and again.path.exists()
+    assert again.wait(timeout=30)

@@ -12,19 +12,25 @@ Batches of rows stay on the eager forward: there a matmul reads each weight once
 rows and the dispatch cost is shared, so compiling would buy little for its compile time.
 
 The step is a pure function of its inputs (weights are arguments, not captured), so models
-of the same shape share one compiled graph, compiled in the background while requests
-decode eagerly. It reads the cache, returns the new token's keys and values, and the
-caller writes them; the cache's capacity and the attended length are dynamic sizes, so one
-graph serves every length.
+of the same shape share one compiled package, built ahead of time by AOTInductor in a child
+process while requests decode eagerly, and kept on disk for later processes. It reads the
+cache, returns the new token's keys and values, and the caller writes them; the cache's
+capacity and the attended length are dynamic sizes, so one package serves every length.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,20 +107,118 @@ def _step(weights: tuple, shape: tuple, token: torch.Tensor, position: torch.Ten
             torch.stack(new_v), route)
 
 
-def _allow_recompiles() -> None:
-    """Every model shape loaded in this process is one more graph of `_step`; dynamo's
-    default limit (8) would quietly turn the ninth back to eager. (Its config is per
-    thread, hence a call on each thread that compiles.)"""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+class _Step(torch.nn.Module):
+    """`_step` with the model's shape constants bound, as `torch.export` takes it."""
+
+    def __init__(self, shape: tuple) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, weights: tuple, token: torch.Tensor, position: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> tuple:
+        return _step(weights, self.shape, token, position, keys, values, length)
+
+
+def _describe(t: Any) -> Any:
+    """A pytree of tensors as JSON: lists for tuples, {shape, dtype} for tensors."""
+    if isinstance(t, tuple):
+        return [_describe(x) for x in t]
+    return None if t is None else {"shape": list(t.shape),
+                                   "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def _zeros(spec: Any, device: str) -> Any:
+    """Tensors of the described shapes and dtypes (values do not matter to a compile)."""
+    if isinstance(spec, list):
+        return tuple(_zeros(x, device) for x in spec)
+    return None if spec is None else torch.zeros(spec["shape"],
+                                                 dtype=getattr(torch, spec["dtype"]),
+                                                 device=device)
+
+
+def build(spec: dict, path: Path) -> None:
+    """Export `_step` for the model `spec` describes and compile it with AOTInductor into
+    a package at `path` (written whole or not at all)."""
+    from torch.export import Dim, export
+
+    device = spec["device"]
+    weights = _zeros(spec["weights"], device)
+    layers, kv, dim = spec["cache"]
+    cache_dtype = getattr(torch, spec["cache_dtype"])
+    keys = torch.zeros(layers, kv, 8, dim, dtype=cache_dtype, device=device)
+    length = torch.arange(6, device=device) < 5
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    position = torch.tensor([5], device=device)
+    capacity, attended = Dim("capacity", min=4, max=2**20), Dim("attended", min=2, max=2**20)
+    dynamic = {"weights": torch.utils._pytree.tree_map(lambda _: None, weights),
+               "token": None, "position": None, "keys": {2: capacity},
+               "values": {2: capacity}, "length": {0: attended}}
+    with torch.inference_mode():
+        program = export(_Step(tuple(spec["shape"])), (weights, token, position, keys,
+                                                        keys.clone(), length),
+                         dynamic_shapes=dynamic)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+    os.replace(partial, path)
+
+
+def cache_dir() -> Path:
+    """Where compiled steps are kept: `$TOOLKIT_CACHE_DIR`, else ~/.cache/toolkit."""
+    root = os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit"
+    return Path(root) / "compiled-steps"
+
+
+def _build_command(spec_file: Path, path: Path) -> list[str]:
+    """The child: lowered in priority before its first import (the compiler processes it
+    starts inherit that), then this module's `main`."""
+    start = ("import os\ntry: os.nice(15)\nexcept OSError: pass\nimport runpy\n"
+             "runpy.run_module('toolkit.engine.compiled', run_name='__main__')")
+    return [sys.executable, "-c", start, str(spec_file), str(path)]
+
+
+_builds: dict[Path, threading.Event] = {}     # packages being built by this process
+_builds_lock = threading.Lock()
+
+
+def _build_in_child(spec: dict, path: Path) -> None:
+    """Build the package in a child process at low priority, once per process however
+    many models share the shape. A child, not a thread: compiling is seconds of Python
+    that would hold the GIL against the requests decoding meanwhile."""
+    with _builds_lock:
+        running = _builds.get(path)
+        mine = running is None
+        if mine:
+            running = _builds[path] = threading.Event()
+    if not mine:
+        running.wait()
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spec_file = path.with_suffix(f".{os.getpid()}.json")
+        spec_file.write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        done = subprocess.run(_build_command(spec_file, path), capture_output=True, text=True,
+                              env=env)
+        spec_file.unlink(missing_ok=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip()[-500:] or f"exit code {done.returncode}")
+    finally:
+        with _builds_lock:
+            del _builds[path]
+        running.set()
 
 
 class CompiledStep:
-    """`_step` compiled for one `LeanModel`, in a background thread from construction on.
+    """`_step` compiled for one `LeanModel`, ready from a package on disk or built in the
+    background from construction on.
 
-    Compiling takes seconds (tens of them on a small CPU with a cold inductor cache), so no
-    request waits for it: until it is ready, or if it fails (no C++ compiler, say), calls
-    return None and the caller runs the eager forward; a failure is reported once, as a
-    warning, on the next call.
+    The package is compiled ahead of time by AOTInductor, in a child process at low
+    priority, and kept under `cache_dir()`, keyed by the model's shapes and dtypes, the
+    torch version and `_step`'s source: a model shape compiles once per machine, and a
+    later process loads it in milliseconds. Until it is ready, or if it fails (no C++
+    compiler, say), calls return None and the caller runs the eager forward; a failure is
+    reported once, as a warning, on the next call. Requests decoding meanwhile run as fast
+    as without it: the child shares no interpreter lock with them and yields the cores.
     """
 
     def __init__(self, lean: LeanModel) -> None:
@@ -127,14 +231,20 @@ class CompiledStep:
                            narrowest(layer.o), layer.ln_post, tuple(map(narrowest, mlp))))
         self.weights = (lean.embed, lean.norm, narrowest(lean.lm_head), lean.cos, lean.sin,
                         tuple(layers))
-        self.shape = (lean.num_heads, lean.kv_heads, lean.head_dim, lean.eps,
-                      lean.experts_per_token)
-        self.fn = torch.compile(_step, fullgraph=True, dynamic=False)
+        shape = (lean.num_heads, lean.kv_heads, lean.head_dim, lean.eps,
+                 lean.experts_per_token)
+        self.spec = {"weights": _describe(self.weights), "shape": list(shape),
+                     "cache": [len(lean.layers), lean.kv_heads, lean.head_dim],
+                     "cache_dtype": str(lean.dtype).removeprefix("torch."),
+                     "device": lean.device.type}
+        key = hashlib.sha256(json.dumps([self.spec, torch.__version__,
+                                         inspect.getsource(_step)]).encode()).hexdigest()
+        self.path = cache_dir() / f"{key[:24]}.pt2"
+        self.fn: Any = None
         self.error: Optional[BaseException] = None
         self._warned = False
         self._done = threading.Event()
-        # Not a daemon: a process that ends mid-compile waits for it rather than abort.
-        threading.Thread(target=self._warm_up, name="toolkit-compile").start()
+        threading.Thread(target=self._prepare, name="toolkit-compile", daemon=True).start()
 
     @property
     def ready(self) -> bool:
@@ -153,27 +263,19 @@ class CompiledStep:
         self._done.wait(timeout)
         return self.ready
 
-    def _warm_up(self) -> None:
-        """Compile by stepping a throwaway one-row cache (its sizes are marked dynamic, so
-        the graph it leaves behind serves every real cache). At low priority: requests
-        decoding eagerly meanwhile keep the cores first (the C++ compiler processes this
-        thread starts inherit its niceness). Without it, a first request of 200 tokens
-        took 12.4 s during a cold compile on 2 cores; with it, 1.0 s (0.8 s eager alone)."""
-        _allow_recompiles()
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
-        except (AttributeError, OSError):      # not Linux, or not allowed: full priority
-            pass
+    def _prepare(self) -> None:
         started = time.perf_counter()
-        log.info("toolkit: compiling the decode step in the background")
         try:
-            with torch.inference_mode():
-                token = torch.zeros(1, dtype=torch.long, device=self.lean.device)
-                self._run(self.lean.new_cache(rows=1, capacity=4), token, 2)
+            if not self.path.exists():
+                log.info("toolkit: compiling the decode step in the background")
+                _build_in_child(self.spec, self.path)
+                if not self.path.exists():
+                    raise RuntimeError("the compile process wrote no package")
+            self.fn = torch._inductor.aoti_load_package(str(self.path))
         except Exception as err:
             self.error = err
         log.info("toolkit: decode step %s in %.1f s",
-                 "unavailable" if self.error else "compiled", time.perf_counter() - started)
+                 "unavailable" if self.error else "ready", time.perf_counter() - started)
         self._done.set()
 
     def __call__(self, cache: KVCache, token: torch.Tensor, position: int
@@ -194,22 +296,27 @@ class CompiledStep:
 
     @torch.inference_mode()
     def _run(self, cache: KVCache, token: torch.Tensor, position: int) -> tuple:
-        _allow_recompiles()
-        token = token.clone()   # an inference tensor, as the graph was traced with
-        # Never attend over fewer than 2 slots (sizes 0 and 1 would each compile a graph),
-        # and keep the cache longer than the attended slots (equal sizes would too).
+        # Never attend over fewer than 2 slots, and keep the cache longer than the attended
+        # slots (the sizes the package was exported for).
         attended = max(position, 2)
-        cache.ensure(attended + 1)
+        cache.ensure(max(attended + 1, 4))
         keys, values = cache.k[:, 0], cache.v[:, 0]
         length = torch.arange(attended, device=token.device) < position
-        for t in (keys, values):
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(length, 0)
         pos = torch.tensor([position], device=token.device)
-        hidden, logits, streams, k, v, route = self.fn(self.weights, self.shape, token, pos,
-                                                       keys, values, length)
+        hidden, logits, streams, k, v, route = self.fn(self.weights, token, pos, keys, values,
+                                                       length)
         keys[:, :, position] = k.to(keys.dtype)
         values[:, :, position] = v.to(values.dtype)
         dtype = self.lean.dtype
         route = None if route is None else (route[0][None], route[1][None])
         return hidden[None].to(dtype), logits[None], streams[None].to(dtype), route
+
+
+def main() -> None:
+    """The child process: `python -m toolkit.engine.compiled SPEC.json PACKAGE.pt2`."""
+    spec_file, path = sys.argv[-2:]
+    build(json.loads(Path(spec_file).read_text()), Path(path))
+
+
+if __name__ == "__main__":
+    main()
