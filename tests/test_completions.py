@@ -254,7 +254,7 @@ def test_an_error_in_the_forward_reaches_the_caller(llama_dir, monkeypatch):
 
     monkeypatch.setattr(llm.engine.runner, "decode", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        llm.completions.create(prompt=PROMPT, max_tokens=20, ignore_eos=True)  # 20 tokens
+        llm.completions.create(prompt=PROMPT, max_tokens=20, ignore_eos=True)
     assert llm.engine.in_flight == 0
     assert llm.request_log.entries[-1]["status"] == "error"
     assert greedy(llm, max_tokens=4).usage.completion_tokens == 4
