@@ -13,7 +13,8 @@ warm-up):
   without them (capture off); `generate()` greedy;
 - n=64 sampling: the engine with logprobs and top-5 against `generate()` with
   `num_return_sequences=64`; and the same on `tiny-code`;
-- the batch-1 roofline: the weights' bytes over the measured device copy bandwidth.
+- the batch-1 roofline: the weights' bytes over the measured device copy bandwidth;
+- with `--compiled-step`, batch 1 with the one-row step compiled (`compile=True`).
 Writes JSON to benchmarks/results/gpu_decode.json.
 """
 from __future__ import annotations
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--compiled-step", action="store_true",
+                        help="also time batch 1 with compile=True (a minutes-long compile)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gpu_decode.json")
     args = parser.parse_args()
@@ -142,7 +145,8 @@ def main() -> None:
                       roofline_tok_s=round(bandwidth / weights, 1))
         result["llama_1b_shape"] = rates(llm, args.tokens, args.repeats)
         del llm
-        result["llama_1b_compiled_step"] = compiled_step(folder, device, args)
+        if args.compiled_step:
+            result["llama_1b_compiled_step"] = compiled_step(folder, device, args)
     tiny = tk.load("tiny-code", device=device, dtype="bfloat16", compile=False)
     result["tiny_code"] = rates(tiny, args.tokens, args.repeats)
     big = result["llama_1b_shape"]
