@@ -111,7 +111,7 @@ def compiled_step(folder: str, device: torch.device, args: argparse.Namespace) -
     """Batch 1 with the one-row step compiled by inductor (`compile=True`; on a GPU it is
     off by default): how long the compile takes, and tokens/s once it is ready."""
     started = time.perf_counter()
-    llm = tk.load(folder, device=device, dtype="bfloat16", compile=True)
+    llm = tk.load(folder, device=device, dtype="bfloat16", compile=True, progress=False)
     step = llm.engine.runner.step
     if not step.wait(timeout=240):
         return {"state": step.state, "error": str(step.error)[:300]}
@@ -138,7 +138,8 @@ def main() -> None:
               "torch": torch.__version__, "new_tokens": args.tokens}
     with tempfile.TemporaryDirectory() as folder:
         build_model(Path(folder), args.small, device)
-        llm = tk.load(folder, device=device, dtype="bfloat16", compile=False)
+        llm = tk.load(folder, device=device, dtype="bfloat16", compile=False,
+                      progress=False)
         weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         bandwidth = copy_bandwidth(device)
         result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
@@ -147,7 +148,8 @@ def main() -> None:
         del llm
         if args.compiled_step:
             result["llama_1b_compiled_step"] = compiled_step(folder, device, args)
-    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", compile=False)
+    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", compile=False,
+                   progress=False)
     result["tiny_code"] = rates(tiny, args.tokens, args.repeats)
     big = result["llama_1b_shape"]
     result["batch1_fraction_of_roofline"] = round(big["batch1_capture_on"]
