@@ -118,15 +118,13 @@ class Decoder:
             if width == 0:
                 proposal = None
         if proposal is None:
-            fwd = self.runner.decode(state, torch.tensor(pending, device=self.device),
-                                     torch.tensor(at, device=self.device), active,
-                                     job.capture.layers)
+            fwd = self.runner.decode(state, torch.tensor(pending, device=self.device), at,
+                                     active, job.capture.layers)
             return [(fwd.logits, fwd)], None
         fed = [[pending[r]] + g + [0] * (width - len(g)) if not seqs[r].finished
                else [0] * (width + 1) for r, g in enumerate(proposal.tokens)]
         starts = [a if not s.finished else 0 for a, s in zip(at, seqs)]
-        fwd = self.runner.extend(state, torch.tensor(fed, device=self.device),
-                                 torch.tensor(starts, device=self.device), active,
+        fwd = self.runner.extend(state, torch.tensor(fed, device=self.device), starts, active,
                                  job.capture.layers)
         return [(fwd.logits[:, j], fwd.column(j)) for j in range(width + 1)], proposal
 

@@ -140,8 +140,11 @@ class LeanModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                rows: slice, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, Any, Any]:
+                rows: slice, taps: tuple[int, ...] = (), span: Optional[int] = None
+                ) -> tuple[torch.Tensor, Any, Any]:
         """Run tokens `ids` [B, T] at `positions` [B, T] for the B cache rows `rows`.
+        `span` (one more than the largest position) saves a device round trip where the
+        caller knows it.
 
         Returns the final-norm hidden states [B, T, H]; for MoE models the routing (expert
         indices and their normalised router weights, each [B, T, layers, k]), else None;
@@ -149,7 +152,8 @@ class LeanModel:
         """
         B, T = ids.shape
         H, KV, D = self.num_heads, self.kv_heads, self.head_dim
-        span = int(positions.max()) + 1               # keys every row may attend to
+        if span is None:                              # keys every row may attend to
+            span = int(positions.max()) + 1
         cache.ensure(span)
         if B == 1 and T == 1:
             mask = None    # one token sees its whole row: no mask needed

@@ -72,14 +72,15 @@ class Runner(Protocol):
     def fork(self, state: Any, src: int, dst: list[int], length: int) -> None:
         """Copy the first `length` positions of row `src` to the rows `dst`."""
 
-    def decode(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor,
+    def decode(self, state: Any, tokens: torch.Tensor, positions: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
-        """One token per row at `positions`; returns logits too. Inactive rows may be
-        computed (and ignored) so that the batch keeps its shape."""
+        """One token per row at `positions` (host integers: the step needs no device
+        round trip to learn them); returns logits too. Inactive rows may be computed (and
+        ignored) so that the batch keeps its shape."""
 
-    def extend(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor,
+    def extend(self, state: Any, tokens: torch.Tensor, starts: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
-        """T tokens per row [rows, T] at positions.. [rows] (the first token's), dropping
+        """T tokens per row [rows, T] at positions starts.. (the first token's), dropping
         whatever the row held from there on (rejected speculation); tensors come back as
         [rows, T, ...], logits too. Inactive rows may be computed and ignored."""
 
@@ -118,27 +119,32 @@ class LeanRunner:
     def fork(self, cache: lean.KVCache, src: int, dst: list[int], length: int) -> None:
         cache.copy_row(src, dst, length)
 
-    def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+    def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """One token per row; every row runs (finished ones too) so the batch stays fixed."""
         if self.step is not None and len(tokens) == 1:
-            out = self.step(cache, tokens, int(positions[0]))
+            out = self.step(cache, tokens, positions[0])
             if out is not None:
                 hidden, logits, streams, route = out
                 experts, weights = route or (None, None)
                 layers = streams[:, list(taps)] if taps else None
                 return Forward(hidden, experts, weights, layers, logits)
-        out = self.lean.forward(tokens[:, None], positions[:, None], cache, slice(None), taps)
+        at = torch.tensor(positions, device=tokens.device)[:, None]
+        out = self.lean.forward(tokens[:, None], at, cache, slice(None), taps,
+                                span=max(positions) + 1)
         fwd = _forward(out, lambda x: x[:, 0])
         fwd.logits = self.logits(fwd.hidden)
         return fwd
 
-    def extend(self, cache: lean.KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+    def extend(self, cache: lean.KVCache, tokens: torch.Tensor, starts: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """Several tokens per row. Nothing to drop: a row attends only to the positions
         up to each token's own, so what lies beyond is never read."""
-        span = torch.arange(tokens.shape[1], device=tokens.device)
-        out = self.lean.forward(tokens, positions[:, None] + span, cache, slice(None), taps)
+        width = tokens.shape[1]
+        at = (torch.tensor(starts, device=tokens.device)[:, None]
+              + torch.arange(width, device=tokens.device))
+        out = self.lean.forward(tokens, at, cache, slice(None), taps,
+                                span=max(starts) + width)
         fwd = _forward(out, lambda x: x)
         fwd.logits = self.logits(fwd.hidden)
         return fwd
@@ -207,17 +213,16 @@ class HFRunner:
         for d in dst:
             caches[d] = copy.deepcopy(caches[src])
 
-    def decode(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
+    def decode(self, caches: list[Any], tokens: torch.Tensor, positions: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         fwd = self.extend(caches, tokens[:, None], positions, active, taps)
         return Forward(*(None if t is None else t[:, 0] for t in fwd._tensors()))
 
-    def extend(self, caches: list[Any], tokens: torch.Tensor, positions: torch.Tensor,
+    def extend(self, caches: list[Any], tokens: torch.Tensor, starts: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
-        """Each active row on its own: its cache cut back to `positions`, then its tokens."""
+        """Each active row on its own: its cache cut back to `starts`, then its tokens."""
         outs = []
-        for r, (ids, start, a) in enumerate(zip(tokens.tolist(), positions.tolist(),
-                                                active.tolist())):
+        for r, (ids, start, a) in enumerate(zip(tokens.tolist(), starts, active.tolist())):
             if a and caches[r] is not None:
                 _crop(caches[r], start)
             outs.append(self._run(caches, r, ids, taps) if a else None)

@@ -198,7 +198,7 @@ class Sampler:
             [getattr(p, name) for p in params], dtype=dtype, device=device)
         self.temperature = vec("temperature")
         self.greedy = self.temperature == 0
-        self.all_greedy = bool(self.greedy.all())
+        self.all_greedy = all(p.temperature == 0 for p in params)
         mirostat = [p.mirostat_target is not None for p in params]
         self.tau = torch.tensor([p.mirostat_target or 0.0 for p in params], device=device)
         self.lr = vec("mirostat_lr")
@@ -213,6 +213,12 @@ class Sampler:
         self.top_p = neutral("top_p")
         self.min_p = neutral("min_p")
         self.typical_p = neutral("typical_p")
+        # Which steps any row uses: decided once per job, from the host-side values, so a
+        # step never waits on the device to learn it.
+        used = lambda name, off: any(getattr(p, name) != off and not m
+                                     for p, m in zip(params, mirostat))
+        self.uses = {"top_k": used("top_k", 0), "top_p": used("top_p", 1.0),
+                     "min_p": used("min_p", 0.0), "typical_p": used("typical_p", 1.0)}
         self.repetition = vec("repetition_penalty")
         self.frequency = vec("frequency_penalty")
         self.presence = vec("presence_penalty")
@@ -223,12 +229,12 @@ class Sampler:
                 for token, value in p.logit_bias.items():
                     self.bias[r, token] = value
         self.seen = None
-        if bool((self.repetition != 1).any()):
+        if any(p.repetition_penalty != 1 for p in params):
             self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
             for r, prompt in enumerate(prompts):
                 self.seen[r, list(prompt)] = True
         self.counts = None
-        if bool((self.frequency != 0).any() or (self.presence != 0).any()):
+        if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
             self.counts = torch.zeros(rows, vocab_size, device=device)
         self.seeds = torch.tensor([_signed(s & _MASK64) for s in seeds], dtype=torch.long,
                                   device=device)
@@ -246,13 +252,13 @@ class Sampler:
         if self.all_greedy:
             return x
         x = apply_temperature(x, self.temperature)
-        if bool((self.top_k > 0).any()):
+        if self.uses["top_k"]:
             x = top_k_filter(x, self.top_k)
-        if bool((self.top_p < 1).any()):
+        if self.uses["top_p"]:
             x = top_p_filter(x, self.top_p)
-        if bool((self.min_p > 0).any()):
+        if self.uses["min_p"]:
             x = min_p_filter(x, self.min_p)
-        if bool((self.typical_p < 1).any()):
+        if self.uses["typical_p"]:
             x = typical_filter(x, self.typical_p)
         if self.use_mirostat:
             x = mirostat_filter(x, self.mu)

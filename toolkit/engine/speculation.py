@@ -159,14 +159,14 @@ class DraftProposer:
         live[list(rows)] = True
         seqs = {r: list(self.prompts[r]) + list(outputs[r]) for r in rows}
         logits = self._catch_up(seqs, live)
-        lengths = torch.tensor([len(seqs[r]) if r in seqs else 1 for r in range(count)],
-                               device=device)
+        lengths = [len(seqs[r]) if r in seqs else 1 for r in range(count)]
         guesses, qs = [], []
         for k in range(depth):
             token, q = self.sampler.propose(self._fit(logits), k)
             guesses.append(token)
             qs.append(q)
-            logits = self.runner.decode(self.state, token, lengths + k, live).logits
+            logits = self.runner.decode(self.state, token, [n + k for n in lengths],
+                                        live).logits
         tokens, q = torch.stack(guesses, 1), torch.stack(qs, 1)
         logq = q.gather(2, tokens[..., None])[..., 0].log()
         out, lps = [[] for _ in range(count)], [[] for _ in range(count)]
@@ -189,8 +189,7 @@ class DraftProposer:
             missing[r] = max(len(seq) - common, 1)    # the last, for its logits
         width = max(missing.values())
         fed = [seqs[r][-width:] if r in seqs else [0] * width for r in range(count)]
-        starts = torch.tensor([len(seqs[r]) - width if r in seqs else 0 for r in range(count)],
-                              device=device)
+        starts = [len(seqs[r]) - width if r in seqs else 0 for r in range(count)]
         tokens = torch.tensor(fed, device=device)
         if width == 1:
             return self.runner.decode(self.state, tokens[:, 0], starts, live).logits
