@@ -157,3 +157,23 @@ def test_a_compiled_step_is_kept_for_the_next_model_of_its_shape(llm, monkeypatc
     again = compiled.CompiledStep(llm.engine.runner.lean)
     assert again.path == llm.engine.runner.step.path and again.path.exists()
     assert again.wait(timeout=30)
+
+
+def test_the_step_compiles_in_a_child_process(llama_dir, monkeypatch, tmp_path):
+    """Compiling never runs in the process that decodes (where it would hold the
+    interpreter lock against the requests decoding meanwhile): with this process's
+    compiler broken, the step still compiles, and matches the eager forward."""
+    import toolkit as tk
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)
+    llm = tk.load(llama_dir, compile=True)
+    assert llm.engine.runner.step.wait(timeout=600), llm.engine.runner.step.error
+    assert list(tmp_path.glob("compiled-steps/*.pt2")) == [llm.engine.runner.step.path]
+    kwargs = dict(prompt="def f(x):", max_tokens=8, logprobs=True, temperature=0)
+    eager = tk.load(llama_dir, compile=False).completions.create(**kwargs)
+    resp = llm.completions.create(**kwargs)
+    assert resp.choices[0].text == eager.choices[0].text
+    assert [c.logprob for c in resp.choices[0].logprobs.content] == pytest.approx(
+        [c.logprob for c in eager.choices[0].logprobs.content], abs=1e-5)
