@@ -136,13 +136,14 @@ class Decoder:
         and so on. So each row emits its accepted guesses and one token more: with guesses
         from a prediction or n-grams, the very tokens plain decoding draws from those logits
         with those random numbers; with a draft's, tokens of the same distribution (the
-        sampler's accept rule). The step's record goes on its last token."""
+        sampler's accept rule). The step's record goes on its last token.
+
+        Choosing is column by column (the sampler's state moves with each token); what is
+        recorded of the chosen tokens (`_score`) is computed once for the whole step."""
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
-        emitted: dict[int, list[Token]] = {r: [] for r, s in enumerate(seqs)
-                                           if not s.finished}
-        going = set(emitted)
-        target_lp = self._guess_logprobs(job.capture, columns, guesses)
-        for j, (logits, fwd) in enumerate(columns):
+        chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
+        going, drawn = set(chosen), []
+        for j, (logits, _) in enumerate(columns):
             rows = sorted(going)
             if not rows:
                 break
@@ -155,32 +156,54 @@ class Decoder:
                 q = None if proposal.q is None else proposal.q[:, j]
             tokens, sampling_lp = sampler.sample(logits, active, proposed, q)
             sampler.update(tokens, active)
-            index = torch.tensor(rows, device=self.device)
-            new = self._score(job.capture, logits[index], tokens[index], sampling_lp[index],
-                              fwd.select(rows))
-            for r, token in zip(rows, new):
+            drawn.append((tokens, sampling_lp))
+            ids = tokens.tolist()
+            for r in rows:
                 s, g = seqs[r], guesses[r]
-                hit = j < len(g) and token.id == g[j]
-                if hit:
-                    token = dataclasses.replace(token, source=proposer.source)
-                kept = self._append(job, s, stops, token)
-                if hit and not s.finished:
-                    emitted[r].append(token)
-                    continue
-                going.discard(r)
-                if kept:
-                    emitted[r].append(token)
-                if g and emitted[r]:    # the step's record, on the last token it emitted
-                    emitted[r][-1] = dataclasses.replace(emitted[r][-1], verify=Verify(
-                        proposer.source, scoring[r], tuple(g), j + hit,
-                        j < len(g) and not hit,
-                        tuple(target_lp[r][:len(g)]) if target_lp else (),
-                        tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs
-                        else ()))
-        for r, tokens in emitted.items():
-            scoring[r] += len(tokens)
-        return tuple(RowUpdate(r, tuple(tokens), seqs[r].finish_reason, seqs[r].stop_at)
-                     for r, tokens in emitted.items())
+                if self._append(job, s, stops, Token(ids[r], self.pieces[ids[r]])):
+                    chosen[r].append(j)
+                if not (j < len(g) and ids[r] == g[j]) or s.finished:
+                    going.discard(r)
+        scored = self._score_chosen(job.capture, columns, drawn, chosen)
+        target_lp = self._guess_logprobs(job.capture, columns, guesses)
+        for r, tokens in scored.items():
+            g = guesses[r]
+            accepted = sum(1 for j in chosen[r] if j < len(g) and tokens[j].id == g[j])
+            for j in chosen[r][:accepted]:
+                tokens[j] = dataclasses.replace(tokens[j], source=proposer.source)
+            if g and chosen[r]:         # the step's record, on the last token it emitted
+                last = chosen[r][-1]
+                tokens[last] = dataclasses.replace(tokens[last], verify=Verify(
+                    proposer.source, scoring[r], tuple(g), accepted,
+                    accepted < len(chosen[r]) and last < len(g),
+                    tuple(target_lp[r][:len(g)]) if target_lp else (),
+                    tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs else ()))
+            scoring[r] += len(chosen[r])
+        return tuple(RowUpdate(r, tuple(scored[r][j] for j in chosen[r]),
+                               seqs[r].finish_reason, seqs[r].stop_at) for r in chosen)
+
+    def _score_chosen(self, capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
+                      drawn: list[tuple[torch.Tensor, torch.Tensor]],
+                      chosen: dict[int, list[int]]) -> dict[int, dict[int, Token]]:
+        """Each row's chosen tokens, by column, scored in one `_score` call."""
+        picks = [(j, r) for r in chosen for j in chosen[r]]
+        picks.sort()
+        logits, tokens, lps, fwds = [], [], [], []
+        for j in sorted({j for j, _ in picks}):
+            rows = [r for k, r in picks if k == j]
+            index = torch.tensor(rows, device=self.device)
+            logits.append(columns[j][0][index])
+            tokens.append(drawn[j][0][index])
+            lps.append(drawn[j][1][index])
+            fwds.append(columns[j][1].select(rows))
+        out: dict[int, dict[int, Token]] = {r: {} for r in chosen}
+        if not picks:
+            return out
+        new = self._score(capture, torch.cat(logits), torch.cat(tokens), torch.cat(lps),
+                          concat(fwds))
+        for (j, r), token in zip(picks, new):
+            out[r][j] = token
+        return out
 
     @staticmethod
     def _guess_logprobs(capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
