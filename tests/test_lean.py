@@ -70,7 +70,7 @@ def test_compiled_step_matches_hf_and_the_eager_forward(name):
         for c in (cache, eager):
             lean.forward(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), c, slice(0, 1))
         for p in range(1, 12):
-            hidden, logits, streams, route = step(cache, ids[0, p:p + 1], p)
+            hidden, logits, streams, route = step(cache, ids[0, p:p + 1], [p])
             assert torch.allclose(logits[0], ref[p], atol=1e-4)
             e_hidden, e_route, e_streams = lean.forward(
                 ids[:, p:p + 1], torch.tensor([[p]]), eager, slice(0, 1), layers)
@@ -152,6 +152,8 @@ def test_a_compiled_step_is_kept_for_the_next_model_of_its_shape(llm, monkeypatc
     from disk at once, without building anything."""
     from toolkit.engine import compiled
 
+    if llm.engine.runner.step is None:
+        pytest.skip("the decode step is compiled on a CPU only")
     monkeypatch.setattr(compiled, "_build_command", lambda spec, path: pytest.fail(
         "a package on disk was compiled again"))
     again = compiled.CompiledStep(llm.engine.runner.lean)
@@ -177,3 +179,27 @@ def test_the_step_compiles_in_a_child_process(llama_dir, monkeypatch, tmp_path):
     assert resp.choices[0].text == eager.choices[0].text
     assert [c.logprob for c in resp.choices[0].logprobs.content] == pytest.approx(
         [c.logprob for c in eager.choices[0].logprobs.content], abs=1e-5)
+
+
+def test_the_compiled_step_decodes_rows_of_different_lengths(llm):
+    """Several rows at once, each at its own position, as the eager batch does them."""
+    lean, step = llm.engine.runner.lean, llm.engine.runner.step
+    if step is None:
+        pytest.skip("the decode step is compiled on a CPU only")
+    ids = torch.randint(0, 97, (3, 10), device=lean.device)
+    lengths = [3, 7, 5]
+    with torch.inference_mode():
+        caches = [lean.new_cache(rows=3, capacity=4) for _ in range(2)]
+        for cache in caches:
+            for r, n in enumerate(lengths):
+                lean.forward(ids[r:r + 1, :n], torch.arange(n, device=lean.device)[None],
+                             cache, slice(r, r + 1))
+        tokens = ids[torch.arange(3), lengths]
+        hidden, logits, streams, _ = step(caches[0], tokens, lengths)
+        e_hidden, _, _ = lean.forward(tokens[:, None],
+                                      torch.tensor(lengths, device=lean.device)[:, None],
+                                      caches[1], slice(None))
+    assert torch.allclose(hidden, e_hidden[:, 0], atol=1e-5)
+    assert torch.allclose(logits, lean.logits(e_hidden[:, 0]), atol=1e-4)
+    for r, n in enumerate(lengths):           # each row's new keys went to its position
+        assert torch.allclose(caches[0].k[:, r, :, n], caches[1].k[:, r, :, n], atol=1e-5)

@@ -109,7 +109,7 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     use in `model`.
     `prefix_cache_bytes` bounds the prompt KV kept for reuse across requests;
     `lean_forward=False` runs the HF forward even where the lean one applies. `compile`
-    decides whether the lean forward's single-row decode step is compiled by inductor:
+    decides whether the lean forward's decode step (up to 16 rows) is compiled by inductor:
     `None` compiles it on a CPU (once per model shape and machine, about 25 s in a child
     process, then kept on disk; decoding then runs several times faster), `False` keeps
     everything eager; its state shows in the `LLM`'s repr and is logged (logger

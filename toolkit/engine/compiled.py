@@ -1,4 +1,5 @@
-"""The one-row decode step of the lean family, compiled by inductor.
+"""The decode step of the lean family (one token for each of a few rows), compiled by
+inductor.
 
 Why: at batch 1 a decode step of a small model is ~200 tensor ops, and on a CPU dispatching
 them costs more than their arithmetic; inductor fuses them into a few dozen C++ loops. Each
@@ -8,14 +9,16 @@ type that holds every value exactly (the zoo ships float16), half the bytes stre
 memory per token, and the arithmetic is float32 all the same. Results match the eager
 forward to float32 rounding.
 
-Batches of rows stay on the eager forward: there a matmul reads each weight once for all
-rows and the dispatch cost is shared, so compiling would buy little for its compile time.
+Large batches stay on the eager forward (`runner.MAX_COMPILED_ROWS`): a multiply-and-sum
+reads the weights once per row, a matmul once for all rows, and the dispatch cost that
+compiling saves is shared by the rows anyway.
 
 The step is a pure function of its inputs (weights are arguments, not captured), so models
 of the same shape share one compiled package, built ahead of time by AOTInductor in a child
 process while requests decode eagerly, and kept on disk for later processes. It reads the
-cache, returns the new token's keys and values, and the caller writes them; the cache's
-capacity and the attended length are dynamic sizes, so one package serves every length.
+cache, returns the new tokens' keys and values, and the caller writes them; the number of
+rows, the cache's capacity and the attended length are dynamic sizes, so one package serves
+every batch and length.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,52 +62,56 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight.float(), eps)
 
 
-def _step(weights: tuple, shape: tuple, token: torch.Tensor, position: torch.Tensor,
+def _step(weights: tuple, shape: tuple, tokens: torch.Tensor, positions: torch.Tensor,
           keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> tuple:
-    """Decode `token` [1] at `position` [1] attending to the cached `keys`/`values`
-    [layers, kv, capacity, dim] before it; `length` [S] marks which of the first S cached
-    positions are real. Returns (hidden [H], logits [V], residual stream after each layer
-    [layers, H], new keys and values [layers, kv, dim], routing or None)."""
+    """Decode `tokens` [B] at `positions` [B], one per cache row, attending to the cached
+    `keys`/`values` [layers, B, kv, capacity, dim] before them; `length` [B, S] marks which
+    of each row's first S cached positions are real. Returns (hidden [B, H], logits [B, V],
+    residual stream after each layer [B, layers, H], new keys and values [B, layers, kv,
+    dim], routing ([B, layers, k] experts and weights) or None)."""
     embed, norm, head, cos_table, sin_table, layers = weights
     heads, kv, dim, eps, per_token = shape
-    S = length.shape[0]
-    cos, sin = cos_table[position].float(), sin_table[position].float()     # [1, dim]
-    x = F.embedding(token, embed)[0].float()
+    B, S = length.shape
+    cos = cos_table[positions].float()[:, None]                     # [B, 1, dim]
+    sin = sin_table[positions].float()[:, None]
+    x = F.embedding(tokens, embed).float()                          # [B, H]
+    hide = ~length[:, None, None, :]
     streams, new_k, new_v, experts, routed = [], [], [], [], []
     for i, (ln_in, qkv, qkv_bias, o, ln_post, mlp) in enumerate(layers):
         h = _norm(x, ln_in, eps)
         a = _mv(h, qkv)
         if qkv_bias is not None:
             a = a + qkv_bias.float()
-        a = a.view(heads + 2 * kv, dim)
-        qk = rope(a[:heads + kv], cos, sin)
-        q, k, v = qk[:heads].view(kv, heads // kv, dim), qk[heads:], a[heads + kv:]
+        a = a.view(B, heads + 2 * kv, dim)
+        qk = rope(a[:, :heads + kv], cos, sin)
+        q, k, v = qk[:, :heads].view(B, kv, heads // kv, dim), qk[:, heads:], a[:, heads + kv:]
         new_k.append(k)
         new_v.append(v)
-        old_k, old_v = keys[i, :, :S].float(), values[i, :, :S].float()    # [kv, S, dim]
-        scores = torch.cat([torch.einsum("kgd,ksd->kgs", q, old_k)
-                            .masked_fill(~length, float("-inf")),
-                            (q * k[:, None]).sum(-1, keepdim=True)], -1) * dim ** -0.5
+        old_k, old_v = keys[i, :, :, :S].float(), values[i, :, :, :S].float()  # [B, kv, S, d]
+        scores = torch.cat([torch.einsum("bkgd,bksd->bkgs", q, old_k).masked_fill(
+                            hide, float("-inf")),
+                            (q * k[:, :, None]).sum(-1, keepdim=True)], -1) * dim ** -0.5
         p = scores.softmax(-1)
-        att = torch.einsum("kgs,ksd->kgd", p[..., :-1], old_v) + p[..., -1:] * v[:, None]
-        x = x + _mv(att.reshape(-1), o)
+        att = (torch.einsum("bkgs,bksd->bkgd", p[..., :-1], old_v)
+               + p[..., -1:] * v[:, :, None])
+        x = x + _mv(att.reshape(B, -1), o)
         h = _norm(x, ln_post, eps)
         if len(mlp) == 2:                          # dense: gate_up [2I, H], down [H, I]
-            gate, up = _mv(h, mlp[0]).chunk(2)
+            gate, up = _mv(h, mlp[0]).chunk(2, -1)
             x = x + _mv(F.silu(gate) * up, mlp[1])
         else:                                      # Mixtral: router, experts' gate_up, down
             router, gate_up, down = mlp
-            w, e = _mv(h, router).softmax(-1).topk(per_token)
-            w = w / w.sum()
-            gate, up = _mv(h, gate_up[e]).chunk(2, -1)            # [k, I] each
-            x = x + (_mv(F.silu(gate) * up, down[e]) * w[:, None]).sum(0)
+            w, e = _mv(h, router).softmax(-1).topk(per_token)          # [B, k]
+            w = w / w.sum(-1, keepdim=True)
+            gate, up = _mv(h[:, None], gate_up[e]).chunk(2, -1)      # [B, k, I] each
+            x = x + (_mv(F.silu(gate) * up, down[e]) * w[..., None]).sum(1)
             experts.append(e)
             routed.append(w)
         streams.append(x)
     hidden = _norm(x, norm, eps)
-    route = (torch.stack(experts), torch.stack(routed)) if experts else None
-    return (hidden, _mv(hidden, head), torch.stack(streams), torch.stack(new_k),
-            torch.stack(new_v), route)
+    route = (torch.stack(experts, 1), torch.stack(routed, 1)) if experts else None
+    return (hidden, _mv(hidden, head), torch.stack(streams, 1), torch.stack(new_k, 1),
+            torch.stack(new_v, 1), route)
 
 
 class _Step(torch.nn.Module):
@@ -114,9 +121,9 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.shape = shape
 
-    def forward(self, weights: tuple, token: torch.Tensor, position: torch.Tensor,
+    def forward(self, weights: tuple, tokens: torch.Tensor, positions: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> tuple:
-        return _step(weights, self.shape, token, position, keys, values, length)
+        return _step(weights, self.shape, tokens, positions, keys, values, length)
 
 
 def _describe(t: Any) -> Any:
@@ -145,14 +152,16 @@ def build(spec: dict, path: Path) -> None:
     weights = _zeros(spec["weights"], device)
     layers, kv, dim = spec["cache"]
     cache_dtype = getattr(torch, spec["cache_dtype"])
-    keys = torch.zeros(layers, kv, 8, dim, dtype=cache_dtype, device=device)
-    length = torch.arange(6, device=device) < 5
-    token = torch.zeros(1, dtype=torch.long, device=device)
-    position = torch.tensor([5], device=device)
+    keys = torch.zeros(layers, 3, kv, 8, dim, dtype=cache_dtype, device=device)
+    length = torch.arange(6, device=device)[None] < torch.tensor([[5], [3], [4]],
+                                                                  device=device)
+    token = torch.zeros(3, dtype=torch.long, device=device)
+    position = torch.tensor([5, 3, 4], device=device)
+    rows = Dim("rows", min=1, max=4096)
     capacity, attended = Dim("capacity", min=4, max=2**20), Dim("attended", min=2, max=2**20)
     dynamic = {"weights": torch.utils._pytree.tree_map(lambda _: None, weights),
-               "token": None, "position": None, "keys": {2: capacity},
-               "values": {2: capacity}, "length": {0: attended}}
+               "tokens": {0: rows}, "positions": {0: rows}, "keys": {1: rows, 3: capacity},
+               "values": {1: rows, 3: capacity}, "length": {0: rows, 1: attended}}
     with torch.inference_mode():
         program = export(_Step(tuple(spec["shape"])), (weights, token, position, keys,
                                                         keys.clone(), length),
@@ -278,11 +287,11 @@ class CompiledStep:
                  "unavailable" if self.error else "ready", time.perf_counter() - started)
         self._done.set()
 
-    def __call__(self, cache: KVCache, token: torch.Tensor, position: int
+    def __call__(self, cache: KVCache, tokens: torch.Tensor, positions: Sequence[int]
                  ) -> Optional[tuple]:
-        """(hidden [1, H], logits [1, V], streams [1, layers, H], routing) for the token at
-        `position` of the cache's only row, its keys and values written; None while the
-        step is compiling or if it could not be compiled."""
+        """(hidden [B, H], logits [B, V], streams [B, layers, H], routing) for one token per
+        cache row at `positions`, its keys and values written; None while the step is
+        compiling or if it could not be compiled."""
         if not self._done.is_set():
             return None
         if self.error is not None:
@@ -292,24 +301,24 @@ class CompiledStep:
                               f"({self.error!s:.200}); decoding with the eager forward",
                               RuntimeWarning, stacklevel=3)
             return None
-        return self._run(cache, token, position)
+        return self._run(cache, tokens, positions)
 
     @torch.inference_mode()
-    def _run(self, cache: KVCache, token: torch.Tensor, position: int) -> tuple:
+    def _run(self, cache: KVCache, tokens: torch.Tensor, positions: Sequence[int]) -> tuple:
         # Never attend over fewer than 2 slots, and keep the cache longer than the attended
         # slots (the sizes the package was exported for).
-        attended = max(position, 2)
+        attended = max(max(positions), 2)
         cache.ensure(max(attended + 1, 4))
-        keys, values = cache.k[:, 0], cache.v[:, 0]
-        length = torch.arange(attended, device=token.device) < position
-        pos = torch.tensor([position], device=token.device)
-        hidden, logits, streams, k, v, route = self.fn(self.weights, token, pos, keys, values,
-                                                       length)
-        keys[:, :, position] = k.to(keys.dtype)
-        values[:, :, position] = v.to(values.dtype)
+        device = tokens.device
+        at = torch.tensor(positions, device=device)
+        length = torch.arange(attended, device=device)[None] < at[:, None]
+        hidden, logits, streams, k, v, route = self.fn(self.weights, tokens, at, cache.k,
+                                                       cache.v, length)
+        rows = torch.arange(len(positions), device=device)
+        cache.k[:, rows, :, at] = k.to(cache.k.dtype)
+        cache.v[:, rows, :, at] = v.to(cache.v.dtype)
         dtype = self.lean.dtype
-        route = None if route is None else (route[0][None], route[1][None])
-        return hidden[None].to(dtype), logits[None], streams[None].to(dtype), route
+        return hidden.to(dtype), logits, streams.to(dtype), route
 
 
 def main() -> None:

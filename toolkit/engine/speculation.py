@@ -131,7 +131,7 @@ class DraftProposer:
 
     The draft feeds each guess it makes, the last one too, so after a step its cache holds
     every token the target kept; it only ever needs the one token it has not seen (the
-    step's last), and each feed is a single-token step (compiled, for one row, on a CPU).
+    step's last), and each feed is a single-token step (compiled, on a CPU).
     """
 
     source = "draft"
