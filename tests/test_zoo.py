@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not (ZOO_DIR / "tiny-code" / "config.json").exis
 
 @pytest.fixture(scope="module")
 def zoo():
-    return {name: tk.load(name) for name in ZOO_NAMES}
+    return {name: tk.load(name, compile=False) for name in ZOO_NAMES}
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,9 @@ def _build_command(spec_file: Path, path: Path) -> list[str]:
 
 _builds: dict[Path, threading.Event] = {}     # packages being built by this process
 _builds_lock = threading.Lock()
+# One compile child at a time: on a small CPU, several would crowd out the requests
+# decoding meanwhile (an OpenMP team stalls whenever one of its threads loses its core).
+_one_child = threading.Semaphore(1)
 
 
 def _build_in_child(spec: dict, path: Path) -> None:
@@ -206,8 +209,9 @@ def _build_in_child(spec: dict, path: Path) -> None:
         spec_file = path.with_suffix(f".{os.getpid()}.json")
         spec_file.write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        done = subprocess.run(_build_command(spec_file, path), capture_output=True, text=True,
-                              env=env)
+        with _one_child:
+            done = subprocess.run(_build_command(spec_file, path), capture_output=True,
+                                  text=True, env=env)
         spec_file.unlink(missing_ok=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-500:] or f"exit code {done.returncode}")
