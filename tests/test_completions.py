@@ -159,7 +159,7 @@ def test_perf_metrics_keys(llm):
 
 
 def test_prefix_cache_reuses_kv_and_changes_no_number(llama_dir):
-    llm = tk.load(llama_dir)
+    llm = tk.load(llama_dir, compile=False)
     long_prompt = PROMPT * 4
     kw = dict(prompt=long_prompt, max_tokens=8, logprobs=True, top_logprobs=3, seed=3,
               return_token_ids=True, include_last_activation=True,
@@ -191,7 +191,7 @@ def test_prefix_cache_reuses_kv_and_changes_no_number(llama_dir):
 
 
 def test_prefix_cache_stays_under_its_byte_budget(llama_dir):
-    llm = tk.load(llama_dir, prefix_cache_bytes=40_000)
+    llm = tk.load(llama_dir, prefix_cache_bytes=40_000, compile=False)
     for i in range(6):
         llm.completions.create(prompt=f"# file {i}\n" + PROMPT * 3, max_tokens=1)
         assert llm.engine.prefix_cache.bytes <= 40_000
@@ -220,7 +220,8 @@ def test_bad_requests_raise_and_leave_the_engine_usable(llm, fields, param):
 
 
 def test_model_names_and_aliases(llama_dir):
-    llm = tk.load(llama_dir, aliases=["accounts/fireworks/models/llama-v3p1-8b-instruct"])
+    llm = tk.load(llama_dir, compile=False,
+                  aliases=["accounts/fireworks/models/llama-v3p1-8b-instruct"])
     resp = llm.completions.create(model="accounts/fireworks/models/llama-v3p1-8b-instruct",
                                   prompt="x", max_tokens=1)
     assert resp.model == "accounts/fireworks/models/llama-v3p1-8b-instruct"

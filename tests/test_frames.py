@@ -165,7 +165,7 @@ def test_frames_and_plots_say_what_a_response_lacks(llm, moe_llm):
 @pytest.mark.parametrize("lean", [True, False])
 def test_activation_layers_are_the_residual_streams(llama_dir, lean):
     import toolkit as tk
-    llm = tk.load(llama_dir, lean_forward=lean)
+    llm = tk.load(llama_dir, lean_forward=lean, compile=False)
     resp = llm.completions.create(prompt=PROMPT, max_tokens=4, seed=0, logprobs=True,
                                   echo=True, raw_output=True, activation_layers=[0, -1])
     ids = resp.choices[0].raw_output.completion_token_ids

@@ -18,7 +18,7 @@ from toolkit.errors import InvalidRequestError, NotFoundError
 
 
 def test_local_dense_folder(llama_dir):
-    llm = tk.load(llama_dir)
+    llm = tk.load(llama_dir, compile=False)
     info = llm.info
     assert (info.source, info.architecture) == ("local", "LlamaForCausalLM")
     assert info.context_length == 128 and info.num_layers == 2 and info.hidden_size == 32
@@ -37,14 +37,14 @@ def test_local_dense_folder(llama_dir):
 
 
 def test_local_moe_folder_reports_experts(moe_dir):
-    info = tk.load(moe_dir).info
+    info = tk.load(moe_dir, compile=False).info
     assert info.is_moe and (info.num_experts, info.experts_per_token) == (4, 2)
     assert info.num_moe_layers == 2
 
 
 def test_model_without_think_tokens(tmp_path):
     folder = make_model_dir(tmp_path / "plain", think_tokens=False)
-    assert tk.load(folder).info.think_token_ids is None
+    assert tk.load(folder, compile=False).info.think_token_ids is None
 
 
 def test_dtype_and_names(llama_dir):
@@ -68,7 +68,7 @@ def test_spec_rebuilds_the_engine(llama_dir):
 
 
 def test_draft_model_must_share_the_tokenizer(llama_dir, moe_dir, tmp_path):
-    llm = tk.load(moe_dir, draft_model=llama_dir)
+    llm = tk.load(moe_dir, draft_model=llama_dir, compile=False)
     assert llm.draft.info.architecture == "LlamaForCausalLM"
     other = make_model_dir(tmp_path / "other-vocab", vocab_size=280)
     with pytest.raises(InvalidRequestError) as info:
