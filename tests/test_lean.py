@@ -170,11 +170,11 @@ def test_the_step_compiles_in_a_child_process(llama_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: 1 / 0)
-    llm = tk.load(llama_dir, compile=True)
+    llm = tk.load(llama_dir, compile=True, dtype="float32")    # float32 on any device
     assert llm.engine.runner.step.wait(timeout=600), llm.engine.runner.step.error
     assert list(tmp_path.glob("compiled-steps/*.pt2")) == [llm.engine.runner.step.path]
     kwargs = dict(prompt="def f(x):", max_tokens=8, logprobs=True, temperature=0)
-    eager = tk.load(llama_dir, compile=False).completions.create(**kwargs)
+    eager = tk.load(llama_dir, compile=False, dtype="float32").completions.create(**kwargs)
     resp = llm.completions.create(**kwargs)
     assert resp.choices[0].text == eager.choices[0].text
     assert [c.logprob for c in resp.choices[0].logprobs.content] == pytest.approx(
@@ -194,7 +194,7 @@ def test_the_compiled_step_decodes_rows_of_different_lengths(llm):
             for r, n in enumerate(lengths):
                 lean.forward(ids[r:r + 1, :n], torch.arange(n, device=lean.device)[None],
                              cache, slice(r, r + 1))
-        tokens = ids[torch.arange(3), lengths]
+        tokens = ids[torch.arange(3, device=lean.device), lengths]
         hidden, logits, streams, _ = step(caches[0], tokens, lengths)
         e_hidden, _, _ = lean.forward(tokens[:, None],
                                       torch.tensor(lengths, device=lean.device)[:, None],

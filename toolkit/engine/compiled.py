@@ -209,10 +209,12 @@ def _build_in_child(spec: dict, path: Path) -> None:
         spec_file = path.with_suffix(f".{os.getpid()}.json")
         spec_file.write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        with _one_child:
-            done = subprocess.run(_build_command(spec_file, path), capture_output=True,
-                                  text=True, env=env)
-        spec_file.unlink(missing_ok=True)
+        try:
+            with _one_child:
+                done = subprocess.run(_build_command(spec_file, path), capture_output=True,
+                                      text=True, env=env)
+        finally:
+            spec_file.unlink(missing_ok=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-500:] or f"exit code {done.returncode}")
     finally:

@@ -78,12 +78,12 @@ class Decoder:
                            for s in seqs if s.finished), dict(timings), tuple(echoes),
                      tuple(cached), done)
 
-        sampler = Sampler(job.params, [job.prompts[r // n] for r in range(rows)], job.seeds,
-                          logits.shape[-1], self.device)
+        sampler = Sampler(job.params, job.row_prompts, job.seeds, logits.shape[-1],
+                          self.device)
         proposer = self._proposer(job, sampler, logits.shape[-1])
         stops = StopStrings(job.stops)
         # Position of the token each row's next column of logits scores.
-        scoring = [len(job.prompts[r // n]) for r in range(rows)]
+        scoring = [len(p) for p in job.row_prompts]
         columns, proposal = [(logits, fwd)], None
         while not done:
             changed = self._walk(job, seqs, sampler, stops, columns, proposal, proposer,
@@ -227,8 +227,7 @@ class Decoder:
             return DraftProposer(self.draft, sampler, job.prompts, job.n, depth("draft"),
                                  vocab_size)
         if self.ngram:
-            prompts = [job.prompts[r // job.n] for r in range(job.rows)]
-            return NgramProposer(prompts, depth("ngram"))
+            return NgramProposer(job.row_prompts, depth("ngram"))
         return None
 
     # ------------------------------------------------------------------------ the prefill

@@ -32,6 +32,11 @@ class Job:
         return len(self.prompts) * self.n
 
     @property
+    def row_prompts(self) -> list[tuple[int, ...]]:
+        """The prompt of each row (prompt i, choice j is row i*n + j)."""
+        return [self.prompts[r // self.n] for r in range(self.rows)]
+
+    @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys differ only in per-row knobs and seeds: they can share one
         decode loop."""
