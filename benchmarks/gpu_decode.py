@@ -1,6 +1,6 @@
 """Decode speed on a GPU against `transformers` `generate()`, same model and run.
 
-    python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small]
+    python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small] [--eager]
 
 The model is DESIGN §8's: a Llama-3.2-1B body (16 layers, 2048 wide, 32/8 heads, 8192 MLP)
 with random weights in bfloat16 and the zoo's 4k tokenizer, built from a config on the GPU
@@ -14,7 +14,8 @@ warm-up):
 - n=64 sampling: the engine with logprobs and top-5 against `generate()` with
   `num_return_sequences=64`; and the same on `tiny-code`;
 - the batch-1 roofline: the weights' bytes over the measured device copy bandwidth;
-- with `--compiled-step`, batch 1 with the one-row step compiled (`compile=True`).
+- with `--eager`, the engine's own rates again with `compile=False` (no CUDA graphs).
+The engine is loaded as `toolkit.load` gives it: decode steps as CUDA graphs on a GPU.
 Writes JSON to benchmarks/results/gpu_decode.json.
 """
 from __future__ import annotations
@@ -107,20 +108,34 @@ def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def compiled_step(folder: str, device: torch.device, args: argparse.Namespace) -> dict:
-    """Batch 1 with the one-row step compiled by inductor (`compile=True`; on a GPU it is
-    off by default): how long the compile takes, and tokens/s once it is ready."""
-    started = time.perf_counter()
-    llm = tk.load(folder, device=device, dtype="bfloat16", compile=True, progress=False)
-    step = llm.engine.runner.step
-    if not step.wait(timeout=240):
-        return {"state": step.state, "error": str(step.error)[:300]}
-    compile_s = time.perf_counter() - started
-    seconds = median_time(lambda: llm.completions.create(
-        prompt=PROMPT, max_tokens=args.tokens, ignore_eos=True, temperature=0, logprobs=True,
-        top_logprobs=5, include_last_activation=True), args.repeats)
-    return {"compile_s": round(compile_s, 1),
-            "batch1_capture_on": round(args.tokens / seconds, 1)}
+def graph_step(llm: tk.LLM) -> dict:
+    try:
+        return _graph_step(llm)
+    except Exception as err:            # a profiler that fails must not lose the rates
+        return {"error": f"{err!s:.200}"}
+
+
+def _graph_step(llm: tk.LLM) -> dict:
+    """The CUDA graph's own time per step at batch 1 (replays back to back, no host work
+    between them) and the kernels one step launches: what the engine's per-token time is
+    made of, beside the host's work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = llm.engine.runner
+    if not getattr(runner.step, "capture", False):        # no CUDA graphs here
+        return {}
+    with torch.inference_mode():
+        cache = runner.start(1, 64)
+        runner.decode(cache, torch.zeros(1, dtype=torch.long, device=llm.device), [10], None)
+        graph = cache.slot.graph
+        seconds = median_time(lambda: [graph.replay() for _ in range(100)], 3) / 100
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.step._step(cache.slot)
+            sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    return {"replay_ms": round(seconds * 1e3, 3), "kernels_per_step": len(kernels),
+            "kernel_busy_ms": round(busy / 1e3, 3)}
 
 
 def main() -> None:
@@ -128,8 +143,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true")
-    parser.add_argument("--compiled-step", action="store_true",
-                        help="also time batch 1 with compile=True (a minutes-long compile)")
+    parser.add_argument("--eager", action="store_true",
+                        help="also time the engine with compile=False (no CUDA graphs)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gpu_decode.json")
     args = parser.parse_args()
@@ -138,19 +153,22 @@ def main() -> None:
               "torch": torch.__version__, "new_tokens": args.tokens}
     with tempfile.TemporaryDirectory() as folder:
         build_model(Path(folder), args.small, device)
-        llm = tk.load(folder, device=device, dtype="bfloat16", compile=False,
-                      progress=False)
+        llm = tk.load(folder, device=device, dtype="bfloat16", progress=False)
         weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
         bandwidth = copy_bandwidth(device)
         result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       roofline_tok_s=round(bandwidth / weights, 1))
         result["llama_1b_shape"] = rates(llm, args.tokens, args.repeats)
+        result["llama_1b_graph_step"] = graph_step(llm)
         del llm
-        if args.compiled_step:
-            result["llama_1b_compiled_step"] = compiled_step(folder, device, args)
-    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", compile=False,
-                   progress=False)
+        if args.eager:
+            eager = tk.load(folder, device=device, dtype="bfloat16", compile=False,
+                            progress=False)
+            result["llama_1b_shape_eager"] = rates(eager, args.tokens, args.repeats)
+            del eager
+    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", progress=False)
     result["tiny_code"] = rates(tiny, args.tokens, args.repeats)
+    result["tiny_code_graph_step"] = graph_step(tiny)
     big = result["llama_1b_shape"]
     result["batch1_fraction_of_roofline"] = round(big["batch1_capture_on"]
                                                   / result["roofline_tok_s"], 3)

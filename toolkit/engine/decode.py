@@ -26,19 +26,22 @@ import torch
 
 from .outputs import Capture, RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
-from .runner import Forward, MovesKV, Runner, concat
+from .runner import Forward, MovesKV, Runner, concat, stack
 from .sampler import Sampler
 from .sequence import Job, Sequence
 from .speculation import (DEFAULT_TOKENS, DraftProposer, NgramProposer, PredictionProposer,
                           Proposal)
 from .text import StopStrings
+from .transfer import to_device
 
 
 class Decoder:
     def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
                  device: torch.device, context: int, draft: Optional[Runner] = None,
-                 ngram: bool = False, speculative_tokens: Optional[int] = None) -> None:
+                 ngram: bool = False, speculative_tokens: Optional[int] = None,
+                 chunk: int = 1) -> None:
         self.runner = runner
+        self.chunk = chunk                  # plain decoding steps drawn between host syncs
         self.context = context
         self.draft = draft                  # speculation, when a request brings no
         self.ngram = ngram                  # prediction of its own
@@ -85,9 +88,13 @@ class Decoder:
         # Position of the token each row's next column of logits scores.
         scoring = [len(p) for p in job.row_prompts]
         columns, proposal = [(logits, fwd)], None
+        # Steps drawn per walk in plain decoding: 1, 2, 4, .. up to `chunk`, so the first
+        # token comes at once. A proposer guesses from each step's tokens: 1 step.
+        ahead = 1
         while not done:
             changed = self._walk(job, seqs, sampler, stops, columns, proposal, proposer,
-                                 scoring)
+                                 scoring, state, ahead)
+            ahead = 1 if proposer is not None else min(2 * ahead, self.chunk)
             timings.setdefault("first_token", time.perf_counter())
             done = all(s.finished for s in seqs)
             if done:
@@ -105,7 +112,7 @@ class Decoder:
         going = [r for r, s in enumerate(seqs) if not s.finished]
         pending = [s.ids[-1] if s.ids else 0 for s in seqs]
         at = [scoring[r] - 1 for r in range(len(seqs))]      # the pending tokens' positions
-        active = torch.tensor([not s.finished for s in seqs], device=self.device)
+        active = to_device([not s.finished for s in seqs], self.device)
         proposal = None
         if proposer is not None:
             # guesses fit in the row's remaining tokens (the step adds one of its own) and,
@@ -118,7 +125,7 @@ class Decoder:
             if width == 0:
                 proposal = None
         if proposal is None:
-            fwd = self.runner.decode(state, torch.tensor(pending, device=self.device), at,
+            fwd = self.runner.decode(state, to_device(pending, self.device), at,
                                      active, job.capture.layers)
             return [(fwd.logits, fwd)], None
         fed = [[pending[r]] + g + [0] * (width - len(g)) if not seqs[r].finished
@@ -130,42 +137,43 @@ class Decoder:
 
     def _walk(self, job: Job, seqs: list[Sequence], sampler: Sampler, stops: StopStrings,
               columns: list[tuple[torch.Tensor, Forward]], proposal: Optional[Proposal],
-              proposer: Any, scoring: list[int]) -> tuple[RowUpdate, ...]:
+              proposer: Any, scoring: list[int], state: Any, ahead: int
+              ) -> tuple[RowUpdate, ...]:
         """Emit tokens from the columns: every unfinished row takes a token from the first;
         a row whose token equals its guess for that column takes one from the next too,
         and so on. So each row emits its accepted guesses and one token more: with guesses
         from a prediction or n-grams, the very tokens plain decoding draws from those logits
         with those random numbers; with a draft's, tokens of the same distribution (the
-        sampler's accept rule). The step's record goes on its last token.
+        sampler's accept rule). The step's record goes on its last token. Without
+        guesses, the tokens of `ahead` steps are drawn on the device first
+        (`_draw_ahead`) and a row takes one from each column until it finishes.
 
         Choosing is column by column (the sampler's state moves with each token); what is
-        recorded of the chosen tokens (`_score`) is computed once for the whole step."""
+        recorded of the chosen tokens (`_score`) is computed once for the whole walk."""
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
         chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
-        going, drawn = set(chosen), []
-        for j, (logits, _) in enumerate(columns):
+        going, drawn, ids = set(chosen), [], []
+        if proposal is None:
+            columns, drawn = self._draw_ahead(job, seqs, sampler, columns[0], scoring, state,
+                                              ahead)
+            ids = torch.stack([tokens for tokens, _ in drawn]).tolist()
+        for j in range(len(columns)):
             rows = sorted(going)
             if not rows:
                 break
-            active = torch.zeros(len(seqs), dtype=torch.bool, device=self.device)
-            active[rows] = True
-            proposed = q = None
-            if proposal is not None and j < len(columns) - 1:
-                proposed = torch.tensor([g[j] if j < len(g) else 0 for g in guesses],
-                                        device=self.device)
-                q = None if proposal.q is None else proposal.q[:, j]
-            tokens, sampling_lp = sampler.sample(logits, active, proposed, q)
-            sampler.update(tokens, active)
-            drawn.append((tokens, sampling_lp))
-            ids = tokens.tolist()
+            if proposal is not None:
+                tokens, sampling_lp = self._sample_column(sampler, seqs, rows, columns, j,
+                                                          proposal)
+                drawn.append((tokens, sampling_lp))
+                ids.append(tokens.tolist())
             for r in rows:
-                s, g = seqs[r], guesses[r]
-                if self._append(job, s, stops, Token(ids[r], self.pieces[ids[r]])):
+                s, g, token = seqs[r], guesses[r], ids[j][r]
+                if self._append(job, s, stops, Token(token, self.pieces[token])):
                     chosen[r].append(j)
-                if not (j < len(g) and ids[r] == g[j]) or s.finished:
+                if s.finished or (proposal is not None and not (j < len(g) and token == g[j])):
                     going.discard(r)
-        scored = self._score_chosen(job.capture, columns, drawn, chosen)
-        target_lp = self._guess_logprobs(job.capture, columns, guesses)
+        scored = self._score_chosen(job.capture, columns, drawn, ids, chosen)
+        target_lp = self._guess_logprobs(job.capture, columns, guesses) if proposal else None
         for r, tokens in scored.items():
             g = guesses[r]
             accepted = sum(1 for j in chosen[r] if j < len(g) and tokens[j].id == g[j])
@@ -182,25 +190,74 @@ class Decoder:
         return tuple(RowUpdate(r, tuple(scored[r][j] for j in chosen[r]),
                                seqs[r].finish_reason, seqs[r].stop_at) for r in chosen)
 
+    def _sample_column(self, sampler: Sampler, seqs: list[Sequence], rows: list[int],
+                       columns: list[tuple[torch.Tensor, Forward]], j: int,
+                       proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens for the rows still walking at column j of a speculative step."""
+        active = torch.zeros(len(seqs), dtype=torch.bool, device=self.device)
+        active[rows] = True
+        proposed = q = None
+        if j < len(columns) - 1:
+            proposed = torch.tensor([g[j] if j < len(g) else 0 for g in proposal.tokens],
+                                    device=self.device)
+            q = None if proposal.q is None else proposal.q[:, j]
+        tokens, sampling_lp = sampler.sample(columns[j][0], active, proposed, q)
+        sampler.update(tokens, active)
+        return tokens, sampling_lp
+
+    def _draw_ahead(self, job: Job, seqs: list[Sequence], sampler: Sampler,
+                    first: tuple[torch.Tensor, Forward], scoring: list[int], state: Any,
+                    ahead: int) -> tuple[list[tuple[torch.Tensor, Forward]],
+                                         list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Draw each row's tokens for up to `ahead` steps without waiting for the device:
+        each step's tokens are fed to the next on the device, and a row stops drawing
+        there once it drew an EOS or reached its length. Stop strings are only seen when
+        the host walks the tokens: a row that met one drew a few tokens too many, which
+        the walk drops. Returns the columns (logits, forward) and draws (tokens, sampling
+        logprobs) of each step."""
+        left = [0 if s.finished else s.max_new - s.generated for s in seqs]
+        steps = max(1, min(ahead, max(left)))
+        eos = None if job.ignore_eos or not job.eos_ids else to_device(
+            sorted(job.eos_ids), self.device)
+        alive = to_device([[j < n for n in left] for j in range(steps)], self.device)
+        active = alive[0]
+        columns, drawn = [first], []
+        for j in range(steps):
+            tokens, sampling_lp = sampler.sample(columns[j][0], active)
+            sampler.update(tokens, active)
+            drawn.append((tokens, sampling_lp))
+            if j == steps - 1:
+                break
+            if eos is not None:
+                active = active & ~(tokens[:, None] == eos).any(-1)
+            active = active & alive[j + 1]
+            if self.device.type == "cpu" and not active.any():
+                break       # (a CPU has the answer at once; a GPU would have to stop and wait)
+            # each row feeds the token just drawn; one past its length (or finished)
+            # feeds again at its last position, and what it computes is dropped
+            at = [scoring[r] + min(j, n - 1) if n else scoring[r] - 1
+                  for r, n in enumerate(left)]
+            fwd = self.runner.decode(state, tokens, at, active, job.capture.layers)
+            columns.append((fwd.logits, fwd))
+        return columns, drawn
+
     def _score_chosen(self, capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
-                      drawn: list[tuple[torch.Tensor, torch.Tensor]],
+                      drawn: list[tuple[torch.Tensor, torch.Tensor]], ids: list[list[int]],
                       chosen: dict[int, list[int]]) -> dict[int, dict[int, Token]]:
-        """Each row's chosen tokens, by column, scored in one `_score` call."""
-        picks = [(j, r) for r in chosen for j in chosen[r]]
-        picks.sort()
-        logits, tokens, lps, fwds = [], [], [], []
-        for j in sorted({j for j, _ in picks}):
-            rows = [r for k, r in picks if k == j]
-            index = torch.tensor(rows, device=self.device)
-            logits.append(columns[j][0][index])
-            tokens.append(drawn[j][0][index])
-            lps.append(drawn[j][1][index])
-            fwds.append(columns[j][1].select(rows))
+        """Each row's chosen tokens, by column, scored in one `_score` call: the picks'
+        places go to the device in one transfer. `ids` are the drawn tokens, by column,
+        as the host has them."""
+        picks = sorted((j, r) for r in chosen for j in chosen[r])
         out: dict[int, dict[int, Token]] = {r: {} for r in chosen}
         if not picks:
             return out
-        new = self._score(capture, torch.cat(logits), torch.cat(tokens), torch.cat(lps),
-                          concat(fwds))
+        width = picks[-1][0] + 1
+        js, rs = to_device(picks, self.device).T
+        pick = lambda ts: ts[0][rs] if width == 1 else torch.stack(ts[:width])[js, rs]
+        fwd = (columns[0][1].select(rs) if width == 1 else
+               stack([c[1] for c in columns[:width]]).select((js, rs)))
+        new = self._score(capture, pick([c[0] for c in columns]), pick([d[0] for d in drawn]),
+                          pick([d[1] for d in drawn]), fwd, [ids[j][r] for j, r in picks])
         for (j, r), token in zip(picks, new):
             out[r][j] = token
         return out
@@ -293,10 +350,12 @@ class Decoder:
     # ---------------------------------------------------------------------------- a step
 
     def _score(self, capture: Capture, logits: torch.Tensor, tokens: torch.Tensor,
-               sampling_lp: Optional[torch.Tensor], fwd: Forward) -> list[Token]:
+               sampling_lp: Optional[torch.Tensor], fwd: Forward,
+               ids: Optional[list[int]] = None) -> list[Token]:
         """Tokens [N] scored by logits [N, vocab] from the forward rows `fwd` that produced
-        them: only what `capture` asks for, brought to the host in one transfer."""
-        ids = tokens.tolist()
+        them: only what `capture` asks for, brought to the host in one transfer (and one
+        per kind of activation). `ids` are the tokens' ids where the host knows them."""
+        ids = tokens.tolist() if ids is None else ids
         if not (capture.scores or capture.top_n or capture.hidden or capture.routing
                 or capture.layers):
             return [Token(t, self.pieces[t]) for t in ids]
@@ -310,6 +369,10 @@ class Decoder:
         if top is not None:
             columns += [top.values.T, top.indices.T.to(raw.dtype)]
         host = torch.cat([c.reshape(-1, len(ids)) for c in columns]).T.tolist()
+        on_host = lambda t, wanted: t.cpu() if wanted and t is not None else None
+        hidden, layers = on_host(fwd.hidden, capture.hidden), on_host(fwd.layers, True)
+        experts = on_host(fwd.experts, capture.routing)
+        weights = on_host(fwd.weights, capture.routing)
         out = []
         for k, (t, row) in enumerate(zip(ids, host)):
             tops = row[4:] if sampling_lp is not None else row[3:]
@@ -318,12 +381,10 @@ class Decoder:
                 sampling_logprob=row[3] if sampling_lp is not None else None,
                 top_ids=tuple(int(x) for x in tops[capture.top_n:]),
                 top_logprobs=tuple(tops[:capture.top_n]), rank=int(row[1]), entropy=row[2],
-                hidden=fwd.hidden[k] if capture.hidden else None,
-                experts=fwd.experts[k] if capture.routing and fwd.experts is not None
-                else None,
-                weights=fwd.weights[k] if capture.routing and fwd.weights is not None
-                else None,
-                layers=fwd.layers[k] if fwd.layers is not None else None))
+                hidden=None if hidden is None else hidden[k],
+                experts=None if experts is None else experts[k],
+                weights=None if weights is None else weights[k],
+                layers=None if layers is None else layers[k]))
         return out
 
     def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> bool:

@@ -42,6 +42,10 @@ from .sequence import Job
 from .text import token_bytes_table
 
 _POLL_S = 0.1     # a caller waiting for another thread's round wakes this often
+# Plain decoding steps drawn between two host syncs. A GPU then runs ahead of the host
+# instead of idling while Python walks each token; on a CPU, recording 8 steps' tokens in
+# one go made batch-1 decoding of tiny-code ~20% faster (866 -> 1035 tok/s, 2 cores).
+DRAW_AHEAD = 8
 
 
 class Handle:
@@ -93,7 +97,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
-                               info.context_length, self.draft, ngram, speculative_tokens)
+                               info.context_length, self.draft, ngram, speculative_tokens,
+                               chunk=DRAW_AHEAD)
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []

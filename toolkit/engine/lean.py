@@ -140,11 +140,14 @@ class LeanModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                rows: slice, taps: tuple[int, ...] = (), span: Optional[int] = None
-                ) -> tuple[torch.Tensor, Any, Any]:
+                rows: slice, taps: tuple[int, ...] = (), span: Optional[int] = None,
+                static: bool = False) -> tuple[torch.Tensor, Any, Any]:
         """Run tokens `ids` [B, T] at `positions` [B, T] for the B cache rows `rows`.
         `span` (one more than the largest position) saves a device round trip where the
-        caller knows it.
+        caller knows it. `static` makes the pass capturable in a CUDA graph: positions
+        are read on the device only (`span` is then the cache's capacity, every key
+        beyond a row's position masked), and MoE layers run every expert on every token
+        (weighted by zero where it was not routed) instead of looking up which were.
 
         Returns the final-norm hidden states [B, T, H]; for MoE models the routing (expert
         indices and their normalised router weights, each [B, T, layers, k]), else None;
@@ -155,11 +158,14 @@ class LeanModel:
         if span is None:                              # keys every row may attend to
             span = int(positions.max()) + 1
         cache.ensure(span)
-        if B == 1 and T == 1:
+        if B == 1 and T == 1 and not static:
             mask = None    # one token sees its whole row: no mask needed
         else:
             keys = torch.arange(span, device=ids.device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]   # [B,1,T,S]
+            if T == 1:     # additive, made once for every layer's attention kernel
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=ids.device
+                                   ).masked_fill_(~mask, float("-inf"))
         cos = self.cos[positions][:, None]            # [B, 1, T, D]
         sin = self.sin[positions][:, None]
         x = F.embedding(ids, self.embed)
@@ -175,15 +181,24 @@ class LeanModel:
             keys_i[batch, :, positions] = k.transpose(1, 2)
             values_i[batch, :, positions] = v.transpose(1, 2)
             keys_i, values_i = keys_i[:, :, :span], values_i[:, :, :span]
-            a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=mask,
-                                               enable_gqa=KV != H)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, T, -1), layer.o)
+            if T == 1:
+                # one query per row: its heads, grouped by the KV head they share, attend
+                # as plain multi-head attention, so no backend repeats the keys and values
+                a = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), keys_i,
+                                                   values_i, attn_mask=mask)
+                a = a.reshape(B, 1, -1)
+            else:
+                a = F.scaled_dot_product_attention(q, keys_i, values_i, attn_mask=mask,
+                                                   enable_gqa=KV != H)
+                a = a.transpose(1, 2).reshape(B, T, -1)
+            x = x + F.linear(a, layer.o)
             h = F.rms_norm(x, (x.shape[-1],), layer.ln_post, self.eps)
             if layer.router is None:
                 gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
                 x = x + F.linear(F.silu(gate) * up, layer.down)
             else:
-                out, route = self._moe(h.reshape(B * T, -1), layer)
+                moe = self._moe_dense if static else self._moe
+                out, route = moe(h.reshape(B * T, -1), layer)
                 x = x + out.view(B, T, -1)
                 routes.append(route)
             if i in taps:
@@ -196,17 +211,34 @@ class LeanModel:
         weights = torch.stack([r[1] for r in routes], 1).view(B, T, len(routes), -1)
         return hidden, (experts, weights), layers
 
-    def _moe(self, h: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, tuple]:
+    def _route(self, h: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixtral routing: softmax over experts, top-k, weights renormalised to sum 1."""
         probs = F.softmax(F.linear(h, layer.router).float(), dim=-1)
         weights, experts = probs.topk(self.experts_per_token, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        return experts, weights / weights.sum(-1, keepdim=True)
+
+    def _moe(self, h: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, tuple]:
+        """Each routed expert on the tokens routed to it (which ones: a device round trip)."""
+        experts, weights = self._route(h, layer)
         out = torch.zeros_like(h)
         for e in experts.unique().tolist():
             token, slot = (experts == e).nonzero(as_tuple=True)
             gate, up = F.linear(h[token], layer.experts_gate_up[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, layer.experts_down[e])
             out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out, (experts, weights)
+
+    def _moe_dense(self, h: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, tuple]:
+        """Every expert on every token, weighted by its router weight (zero where it was
+        not routed): no round trip, so a CUDA graph can hold it. Adding a zero leaves the
+        sum unchanged, so only the matmuls' shapes differ from `_moe`."""
+        experts, weights = self._route(h, layer)
+        gates = torch.zeros(h.shape[0], len(layer.experts_gate_up), device=h.device,
+                            dtype=weights.dtype).scatter(1, experts, weights).to(h.dtype)
+        out = torch.zeros_like(h)
+        for e, (gate_up, down) in enumerate(zip(layer.experts_gate_up, layer.experts_down)):
+            gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+            out = out + F.linear(F.silu(gate) * up, down) * gates[:, e, None]
         return out, (experts, weights)
 
 

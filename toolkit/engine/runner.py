@@ -1,8 +1,9 @@
 """Model runners: the forward passes the decode loop calls, behind one small interface.
 
 `LeanRunner` runs the Llama family through `lean.LeanModel` with one preallocated KV cache
-for all rows of a request, and decode steps of up to `MAX_COMPILED_ROWS` rows through
-`compiled.CompiledStep`.
+for all rows of a request; its decode steps run through a faster `step` where it has one:
+on a CPU `compiled.CompiledStep` (up to 16 rows), on a GPU `graphs.GraphStep` (CUDA graphs,
+over caches leased from its pool).
 `HFRunner` runs any other causal LM through its own HF forward, one `DynamicCache` per row:
 slower, but correct for every architecture transformers knows.
 Both return final-norm hidden states (the activations the API reports, and what the logits
@@ -15,13 +16,14 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
 from ..models import ModelInfo
 from . import lean
 from .compiled import CompiledStep
+from .graphs import GraphStep
 
 
 @dataclass
@@ -37,7 +39,8 @@ class Forward:
     logits: Optional[torch.Tensor] = None
 
     def select(self, index: Any) -> "Forward":
-        """The rows `index` (an int keeps a leading dimension of one)."""
+        """The rows `index` (an int keeps a leading dimension of one; a tuple of index
+        tensors picks along the leading dimensions)."""
         index = [index] if isinstance(index, int) else index
         return Forward(*(None if t is None else t[index] for t in self._tensors()))
 
@@ -47,6 +50,12 @@ class Forward:
 
     def _tensors(self) -> list[Optional[torch.Tensor]]:
         return [getattr(self, f.name) for f in fields(self)]
+
+
+def stack(parts: Sequence[Forward]) -> Forward:
+    """Forward outputs of the same rows side by side: [len(parts), rows, ...]."""
+    columns = zip(*(p._tensors() for p in parts))
+    return Forward(*(None if col[0] is None else torch.stack(col) for col in columns))
 
 
 def concat(parts: Sequence[Forward]) -> Forward:
@@ -61,7 +70,7 @@ class Runner(Protocol):
     """The forward passes of one model, over a per-job state (its KV cache) from `start`.
     Rows are a job's choices; a row's positions fill from 0 without gaps."""
 
-    step: Optional[CompiledStep]      # the compiled decode step, where there is one
+    step: Union[CompiledStep, GraphStep, None]    # the faster decode step, where there is one
 
     def start(self, rows: int, capacity: int) -> Any:
         """A fresh state for `rows` rows, sized for about `capacity` positions."""
@@ -101,18 +110,17 @@ class MovesKV(Protocol):
         """Fill a row's first positions with keys and values from `read_kv`."""
 
 
-# The compiled step multiplies and sums each row against the weights; a matmul reads them
-# once for all rows. On 2 cores, tiny-code: the compiled step ran n=2..8 at 2-3.4x the
-# eager batch, n=16 even, n=64 at 0.7x.
-MAX_COMPILED_ROWS = 16
-
-
 class LeanRunner:
     def __init__(self, model: Any, compile: bool = False) -> None:
         self.lean = lean.LeanModel(model)
-        self.step = CompiledStep(self.lean) if compile else None
+        self.step: Union[CompiledStep, GraphStep, None] = None
+        if compile:
+            self.step = (GraphStep(self.lean, capture=True) if self.lean.device.type == "cuda"
+                         else CompiledStep(self.lean))
 
     def start(self, rows: int, capacity: int) -> lean.KVCache:
+        if isinstance(self.step, GraphStep):
+            return self.step.new_cache(rows, capacity)
         return self.lean.new_cache(rows, capacity)
 
     def prefill(self, cache: lean.KVCache, row: int, ids: list[int], start: int,
@@ -129,12 +137,13 @@ class LeanRunner:
     def decode(self, cache: lean.KVCache, tokens: torch.Tensor, positions: Sequence[int],
                active: torch.Tensor, taps: tuple[int, ...] = ()) -> Forward:
         """One token per row; every row runs (finished ones too) so the batch stays fixed."""
-        if self.step is not None and len(tokens) <= MAX_COMPILED_ROWS:
+        if self.step is not None and len(tokens) <= self.step.max_rows:
             out = self.step(cache, tokens, positions)
             if out is not None:
                 hidden, logits, streams, route = out
                 experts, weights = route or (None, None)
-                layers = streams[:, list(taps)] if taps else None
+                # (views stacked: a list index would be a transfer to the device)
+                layers = torch.stack([streams[:, i] for i in taps], 1) if taps else None
                 return Forward(hidden, experts, weights, layers, logits)
         at = torch.tensor(positions, device=tokens.device)[:, None]
         out = self.lean.forward(tokens[:, None], at, cache, slice(None), taps,
@@ -168,6 +177,7 @@ class LeanRunner:
 
 class HFRunner:
     step: Optional[CompiledStep] = None       # nothing is compiled for the HF forward
+
     def __init__(self, model: Any, info: ModelInfo) -> None:
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
@@ -269,9 +279,12 @@ def _forward(out: tuple, pick: Any) -> Forward:
 def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True,
                 compile: Optional[bool] = None) -> Runner:
     """The lean runner where the architecture allows, else the HF forward. `compile=None`
-    compiles the decode step on a CPU, where dispatch bounds small models."""
+    compiles the decode step where we know how: on a GPU into CUDA graphs, on a CPU-only
+    machine into a package. (Not for a CPU model on a machine with CUDA: loading a CPU
+    package in a process using CUDA segfaulted in torch 2.11+cu130.)"""
     if lean_forward and lean.supports(model):
         if compile is None:
-            compile = next(model.parameters()).device.type == "cpu"
+            device = next(model.parameters()).device.type
+            compile = device == "cuda" or (device == "cpu" and not torch.cuda.is_available())
         return LeanRunner(model, compile)
     return HFRunner(model, info)

@@ -318,11 +318,10 @@ class Sampler:
 
     def update(self, tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> None:
         """Record the tokens just emitted by `active` rows (default: all), for the
-        penalties of later steps."""
+        penalties of later steps. (Inactive rows are masked, not left out: picking them
+        out would make the host wait for the device.)"""
         rows = torch.arange(len(tokens), device=tokens.device)
-        if active is not None:
-            rows, tokens = rows[active], tokens[active]
         if self.seen is not None:
-            self.seen[rows, tokens] = True
+            self.seen[rows, tokens] |= True if active is None else active
         if self.counts is not None:
-            self.counts[rows, tokens] += 1
+            self.counts[rows, tokens] += 1.0 if active is None else active.float()

@@ -1,0 +1,182 @@
+"""The fast decode path: steps replayed as CUDA graphs over pooled, fixed-size KV caches,
+and plain decoding drawn several steps ahead of the host.
+
+On a GPU the graphs are what `toolkit.load` gives; on a CPU the same static step runs
+eagerly over the same slots, so the bookkeeping (buckets, leases, growth, padding rows) is
+tested on every machine, and the capture itself wherever CUDA is.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import toolkit as tk
+from toolkit.engine.graphs import MIN_CAPACITY, GraphStep, bucket
+
+PROMPTS = ["def parse(line):\n", "import os\nimport sys\n\n"]
+
+
+def graphed(folder, **load):
+    """A float32 engine whose decode step is the graph step (captured where CUDA is)."""
+    llm = tk.load(folder, dtype="float32", compile=False, **load)
+    runner = llm.engine.runner
+    runner.step = GraphStep(runner.lean, capture=runner.lean.device.type == "cuda")
+    return llm
+
+
+def same_choices(a, b, tol=1e-4):
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert [c.finish_reason for c in a.choices] == [c.finish_reason for c in b.choices]
+    for x, y in zip(a.choices, b.choices):
+        got = [t.logprob for t in x.logprobs.content]
+        assert got == pytest.approx([t.logprob for t in y.logprobs.content], abs=tol)
+        assert [t.top_logprobs[0].token_id for t in x.logprobs.content] == \
+            [t.top_logprobs[0].token_id for t in y.logprobs.content]
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+    assert bucket(10, MIN_CAPACITY) == MIN_CAPACITY and bucket(300, MIN_CAPACITY) == 512
+
+
+@pytest.mark.parametrize("kind", ["llama_dir", "moe_dir"])
+def test_graph_steps_decode_as_the_eager_forward(kind, request):
+    """Greedy and sampled, several prompts of different lengths with n=3 (6 rows padded
+    to 8), with every capture: the same tokens, logprobs and activations."""
+    folder = request.getfixturevalue(kind)
+    eager = tk.load(folder, dtype="float32", compile=False)
+    fast = graphed(folder)
+    for knobs in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=4)):
+        kw = dict(prompt=PROMPTS, n=3, max_tokens=24, logprobs=True, top_logprobs=3,
+                  include_last_activation=True, activation_layers=[0, 1],
+                  include_routing_matrix=kind == "moe_dir", **knobs)
+        a, b = fast.completions.create(**kw), eager.completions.create(**kw)
+        same_choices(a, b)
+        assert a.activations(layer=1).to_numpy() == pytest.approx(
+            b.activations(layer=1).to_numpy(), abs=1e-4)
+        if kind == "moe_dir":
+            routes = lambda r: [t.routing_matrix for c in r.choices for t in c.logprobs.content]
+            assert routes(a) == routes(b) and routes(a)[0] is not None
+    assert list(fast.engine.runner.step.idle) == [(8, MIN_CAPACITY)]
+
+
+def test_slots_are_reused_and_grow(llama_dir, monkeypatch):
+    """A job leases a slot of its size and hands it back; the next job of that size gets
+    the same slot (and graph). One that outgrows its capacity moves to longer slots, and
+    decodes as the eager forward all the same."""
+    from toolkit.engine import graphs
+
+    monkeypatch.setattr(graphs, "MIN_CAPACITY", 16)     # the test model's context is 128
+    fast = graphed(llama_dir)
+    step = fast.engine.runner.step
+    kw = dict(prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=True, top_logprobs=1)
+    fast.completions.create(**kw)
+    (slot,) = step.idle[(1, 32)]
+    graph = slot.graph
+    fast.completions.create(**kw)
+    assert step.idle[(1, 32)] == [slot] and slot.graph is graph
+    long = dict(kw, max_tokens=90, ignore_eos=True)
+    same_choices(fast.completions.create(**long),
+                 tk.load(llama_dir, dtype="float32", compile=False).completions.create(**long))
+    assert {size for size, idle in step.idle.items() if idle} == {(1, 32), (1, 128)}
+    # a cache that outgrows its slot moves to a longer one, with its keys and values
+    cache = step.new_cache(rows=3, capacity=20)
+    kv = torch.randn_like(cache.read(1, 0, 20))
+    cache.write(1, 0, kv)
+    first = cache.slot
+    assert first.size == (4, 32)
+    cache.ensure(70)
+    assert cache.slot.size == (4, 128) and step.idle[(4, 32)] == [first]
+    assert torch.equal(cache.read(1, 0, 20), kv) and cache.k.shape[1] == 3
+    del cache
+    assert len(step.idle[(4, 128)]) == 1
+
+
+def test_a_closed_stream_hands_its_slot_back(llama_dir):
+    fast = graphed(llama_dir)
+    step = fast.engine.runner.step
+    stream = fast.completions.create(prompt=PROMPTS[0], max_tokens=100, ignore_eos=True,
+                                     stream=True, n=2, seed=0)
+    next(stream), next(stream)
+    assert not step.idle[(2, MIN_CAPACITY)]           # leased
+    stream.close()
+    del stream
+    gc.collect()
+    assert len(step.idle[(2, MIN_CAPACITY)]) == 1
+    assert fast.engine.in_flight == 0
+
+
+KNOBS = [dict(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.5,
+              presence_penalty=0.2, top_k=20),
+         dict(temperature=1.0, mirostat_target=3.0),
+         dict(temperature=0.7, min_p=0.05, typical_p=0.9, logit_bias={5: 3.0}),
+         dict(temperature=0)]
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+def test_drawing_ahead_changes_nothing(llm, knobs):
+    """Tokens drawn several steps ahead of the host are those drawn one step at a time,
+    whatever the knobs, stop strings, EOS and per-prompt lengths do to the rows in the
+    middle of a run; streaming included."""
+    decoder = llm.engine.decoder
+    kw = dict(prompt=PROMPTS, n=2, max_tokens=30, seed=7, logprobs=True, top_logprobs=2,
+              stop=["\n\n", "return"], activation_layers=[0], **knobs)
+    before = decoder.chunk
+    try:
+        decoder.chunk = 1
+        one = llm.completions.create(**kw)
+        for chunk in (3, 8):
+            decoder.chunk = chunk
+            ahead = llm.completions.create(**kw)
+            # (equal up to float noise: an eager batch attends over its longest row, and
+            # rows finish at other steps of a run)
+            same_choices(ahead, one, tol=1e-5)
+            assert ahead.activations(layer=0).to_numpy() == pytest.approx(
+                one.activations(layer=0).to_numpy(), abs=1e-5)
+        text = {}
+        for chunk in llm.completions.create(**kw, stream=True):
+            for c in chunk.choices:
+                text[c.index] = text.get(c.index, "") + c.text
+        assert [text[i] for i in range(len(one.choices))] == [c.text for c in one.choices]
+    finally:
+        decoder.chunk = before
+
+
+def test_speculation_runs_on_the_graph_step(llama_dir):
+    """A prediction's verify passes run eagerly on the job's leased cache, between graph
+    steps: greedy output unchanged."""
+    fast = graphed(llama_dir)
+    kw = dict(prompt=PROMPTS[0], max_tokens=30, temperature=0, logprobs=True, top_logprobs=1)
+    plain = fast.completions.create(**kw)
+    edited = plain.choices[0].text[:10] + "x = 1\n" + plain.choices[0].text[10:]
+    same_choices(fast.completions.create(**kw, prediction={"type": "content",
+                                                           "content": edited}), plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
+def test_decoding_waits_for_the_device_once_per_run_of_steps(llama_dir):
+    """No host synchronisation per token: with logprobs, top-5 and activations, the host
+    waits for the GPU a few times per run of 8 steps. (Counted as the difference between
+    a long and a short request, so what a request waits for once is left out.)"""
+    llm = tk.load(llama_dir)
+    kw = dict(prompt=PROMPTS[0], ignore_eos=True, temperature=0.8, seed=1, logprobs=True,
+              top_logprobs=5, include_last_activation=True)
+
+    def syncs(max_tokens: int) -> list:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                llm.completions.create(**kw, max_tokens=max_tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [w for w in seen if "synchroniz" in str(w.message)]
+
+    syncs(96)                                             # graphs captured
+    short, long = syncs(16), syncs(96)
+    runs = (96 - 16) // llm.engine.decoder.chunk
+    assert 0 < len(long) - len(short) <= 4 * runs, \
+        sorted({f"{w.filename}:{w.lineno}" for w in long})
