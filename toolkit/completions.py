@@ -21,7 +21,7 @@ from typing import Sequence as SequenceOf
 
 from tqdm.auto import tqdm
 
-from .engine.outputs import Capture, TokenLog, Update
+from .engine.outputs import Capture, RowUpdate, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
 from .engine.text import StopStrings
@@ -306,6 +306,24 @@ class _ChoiceState:
         return text if self.stop_at is None else text[:self.stop_at]
 
 
+def _one_token_each(update: Update) -> list[Update]:
+    """`update` in parts that give each row at most one token (its finish with its last),
+    so that a stream sends a chunk per token, as the hosted API does, however many tokens
+    one engine update holds (steps drawn ahead, accepted guesses)."""
+    longest = max((len(r.tokens) for r in update.rows), default=0)
+    if longest <= 1:
+        return [update]
+    parts = []
+    for k in range(longest):
+        rows = tuple(RowUpdate(r.index, r.tokens[k:k + 1],
+                               *((r.finish_reason, r.stop_at)
+                                 if k == max(len(r.tokens), 1) - 1 else (None, None)))
+                     for r in update.rows if k < max(len(r.tokens), 1))
+        parts.append(dataclasses.replace(update, rows=rows, done=update.done and
+                                         k == longest - 1))
+    return parts
+
+
 class _Run:
     """One request on the engine, turned into a response or into chunks."""
 
@@ -363,15 +381,16 @@ class _Run:
         self.concurrent = handle.concurrent
         status = "cancelled"
         try:
-            for update in handle:
-                changed = self.apply(update)
-                if update.echoes is not None:    # after the prefill: echoes, finished rows
-                    changed = [c for c in self.choices
-                               if c.finish_reason or self.job.echo[c.prompt_index]]
-                if update.done:
-                    status = "completed"
-                for k, c in enumerate(changed):
-                    yield self._chunk(c, last=update.done and k == len(changed) - 1)
+            for update in map(_one_token_each, handle):
+                for part in update:
+                    changed = self.apply(part)
+                    if part.echoes is not None:  # after the prefill: echoes, finished rows
+                        changed = [c for c in self.choices
+                                   if c.finish_reason or self.job.echo[c.prompt_index]]
+                    if part.done:
+                        status = "completed"
+                    for k, c in enumerate(changed):
+                        yield self._chunk(c, last=part.done and k == len(changed) - 1)
         except Exception:
             status = "error"
             raise
