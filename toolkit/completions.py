@@ -131,9 +131,6 @@ class Completions:
             value = getattr(req, name)
             if value is not None and not (name == "images" and value == []):
                 raise InvalidRequestError(f"{what} is not supported by this engine yet", name)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequestError("response_format other than 'text' is not supported by "
-                                      "this engine yet", "response_format")
         if req.include_routing_matrix and not info.is_moe:
             raise InvalidRequestError(f"include_routing_matrix needs a mixture-of-experts "
                                       f"model; {info.name} is dense", "include_routing_matrix")
@@ -200,7 +197,8 @@ class Completions:
                                    routing=req.include_routing_matrix, layers=layers),
                    stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
-                   cache_max_len=req.prompt_cache_max_len, speculation=speculation)
+                   cache_max_len=req.prompt_cache_max_len, speculation=speculation,
+                   grammar=self._llm.engine.grammars.compile(req.response_format))
 
     def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
         """The predicted output as token ids (text is tokenized without special tokens:

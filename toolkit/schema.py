@@ -160,14 +160,19 @@ class CompletionRequest(_Request):
         "truncate", description="'truncate' (default) lowers max_tokens to fit the context "
         "window; 'error' refuses the request.")
     response_format: Optional[ResponseFormat] = Field(
-        None, description="Force the output's format: {'type': 'text'} (the default); "
-        "other types are refused by this engine for now.")
+        None, description="Force the output's format: {'type': 'json_object'} (any JSON "
+        "object), {'type': 'json_schema', 'json_schema': SCHEMA} (or under 'schema'; an "
+        "object or JSON text; OpenAI's {'name': ..., 'schema': ...} wrapper too), {'type': "
+        "'grammar', 'grammar': GBNF}, or {'type': 'text'} (the default). Enforced by token "
+        "masks while decoding: output that ends by 'stop' parses and validates (JSON comes "
+        "without free whitespace); output cut by 'length' may be incomplete.")
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
         None, description="Token id (as a string or an int) to a bias from -100 to 100, "
         "added to that token's logit before sampling.")
     speculation: Union[str, list[TokenId], None] = Field(
         None, description="A predicted continuation (text or token ids) for speculative "
-        "decoding; refused by this engine for now.")
+        "decoding: checked several tokens per forward pass; the output is what it would "
+        "be without it.")
     prediction: Union[PredictedOutput, str, None] = Field(
         None, description="OpenAI's predicted output ({'type': 'content', 'content': ...} "
         "or a string), turned into `speculation`.")

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 
+from .grammar import Constraint, Grammars
 from .outputs import Capture, RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
 from .runner import Forward, MovesKV, Runner, concat, stack
@@ -35,12 +37,28 @@ from .text import StopStrings
 from .transfer import to_device
 
 
+@dataclass
+class _Loop:
+    """What one job's decode loop keeps between steps (it lives in `Decoder.run`'s frame,
+    so closing the generator frees it)."""
+
+    job: Job
+    seqs: list[Sequence]
+    state: Any                      # the runner's KV cache
+    sampler: Sampler
+    stops: StopStrings
+    scoring: list[int]              # position of the token each row's next column scores
+    proposer: Any = None            # what guesses tokens, if anything
+    constraint: Optional[Constraint] = None     # structured output's matchers
+
+
 class Decoder:
     def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
-                 device: torch.device, context: int, draft: Optional[Runner] = None,
-                 ngram: bool = False, speculative_tokens: Optional[int] = None,
-                 chunk: int = 1) -> None:
+                 device: torch.device, context: int, grammars: Grammars,
+                 draft: Optional[Runner] = None, ngram: bool = False,
+                 speculative_tokens: Optional[int] = None, chunk: int = 1) -> None:
         self.runner = runner
+        self.grammars = grammars
         self.chunk = chunk                  # plain decoding steps drawn between host syncs
         self.context = context
         self.draft = draft                  # speculation, when a request brings no
@@ -83,32 +101,36 @@ class Decoder:
 
         sampler = Sampler(job.params, job.row_prompts, job.seeds, logits.shape[-1],
                           self.device)
-        proposer = self._proposer(job, sampler, logits.shape[-1])
-        stops = StopStrings(job.stops)
-        # Position of the token each row's next column of logits scores.
-        scoring = [len(p) for p in job.row_prompts]
+        loop = _Loop(job, seqs, state, sampler, StopStrings(job.stops),
+                     [len(p) for p in job.row_prompts],
+                     self._proposer(job, sampler, logits.shape[-1]),
+                     None if job.grammar is None else
+                     self.grammars.constraint(job.grammar, rows, self.device))
         columns, proposal = [(logits, fwd)], None
         # Steps drawn per walk in plain decoding: 1, 2, 4, .. up to `chunk`, so the first
-        # token comes at once. A proposer guesses from each step's tokens: 1 step.
+        # token comes at once. A proposer guesses from each step's tokens, and a grammar
+        # masks each step by the tokens before it: 1 step.
+        one_at_a_time = loop.proposer is not None or loop.constraint is not None
         ahead = 1
         while not done:
-            changed = self._walk(job, seqs, sampler, stops, columns, proposal, proposer,
-                                 scoring, state, ahead)
-            ahead = 1 if proposer is not None else min(2 * ahead, self.chunk)
+            changed = self._walk(loop, columns, proposal, ahead)
+            ahead = 1 if one_at_a_time else min(2 * ahead, self.chunk)
             timings.setdefault("first_token", time.perf_counter())
             done = all(s.finished for s in seqs)
             if done:
                 timings["end"] = time.perf_counter()
             yield Update(changed, dict(timings), done=done)
             if not done:
-                columns, proposal = self._feed(job, seqs, proposer, scoring, state)
+                columns, proposal = self._feed(loop)
 
     # ------------------------------------------------------------------- a step, and a walk
 
-    def _feed(self, job: Job, seqs: list[Sequence], proposer: Any, scoring: list[int],
-              state: Any) -> tuple[list[tuple[torch.Tensor, Forward]], Optional[Proposal]]:
+    def _feed(self, loop: _Loop
+              ) -> tuple[list[tuple[torch.Tensor, Forward]], Optional[Proposal]]:
         """Run each row's pending token (its last), after it the proposer's guesses if
         any: the columns of logits (and forward outputs) the next walk emits from."""
+        job, seqs, proposer, scoring, state = (loop.job, loop.seqs, loop.proposer,
+                                               loop.scoring, loop.state)
         going = [r for r, s in enumerate(seqs) if not s.finished]
         pending = [s.ids[-1] if s.ids else 0 for s in seqs]
         at = [scoring[r] - 1 for r in range(len(seqs))]      # the pending tokens' positions
@@ -135,10 +157,8 @@ class Decoder:
                                  job.capture.layers)
         return [(fwd.logits[:, j], fwd.column(j)) for j in range(width + 1)], proposal
 
-    def _walk(self, job: Job, seqs: list[Sequence], sampler: Sampler, stops: StopStrings,
-              columns: list[tuple[torch.Tensor, Forward]], proposal: Optional[Proposal],
-              proposer: Any, scoring: list[int], state: Any, ahead: int
-              ) -> tuple[RowUpdate, ...]:
+    def _walk(self, loop: _Loop, columns: list[tuple[torch.Tensor, Forward]],
+              proposal: Optional[Proposal], ahead: int) -> tuple[RowUpdate, ...]:
         """Emit tokens from the columns: every unfinished row takes a token from the first;
         a row whose token equals its guess for that column takes one from the next too,
         and so on. So each row emits its accepted guesses and one token more: with guesses
@@ -149,27 +169,31 @@ class Decoder:
         (`_draw_ahead`) and a row takes one from each column until it finishes.
 
         Choosing is column by column (the sampler's state moves with each token); what is
-        recorded of the chosen tokens (`_score`) is computed once for the whole walk."""
+        recorded of the chosen tokens (`_score`) is computed once for the whole walk. With
+        a grammar, each token is drawn under the mask of the row's tokens before it, and a
+        row whose grammar is complete ends there."""
+        job, seqs, scoring, constraint = loop.job, loop.seqs, loop.scoring, loop.constraint
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
         chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
         going, drawn, ids = set(chosen), [], []
         if proposal is None:
-            columns, drawn = self._draw_ahead(job, seqs, sampler, columns[0], scoring, state,
-                                              ahead)
+            columns, drawn = self._draw_ahead(loop, columns[0], ahead)
             ids = torch.stack([tokens for tokens, _ in drawn]).tolist()
         for j in range(len(columns)):
             rows = sorted(going)
             if not rows:
                 break
             if proposal is not None:
-                tokens, sampling_lp = self._sample_column(sampler, seqs, rows, columns, j,
-                                                          proposal)
+                tokens, sampling_lp = self._sample_column(loop, rows, columns, j, proposal)
                 drawn.append((tokens, sampling_lp))
                 ids.append(tokens.tolist())
             for r in rows:
                 s, g, token = seqs[r], guesses[r], ids[j][r]
-                if self._append(job, s, stops, Token(token, self.pieces[token])):
+                if self._append(job, s, loop.stops, Token(token, self.pieces[token])):
                     chosen[r].append(j)
+                    if constraint is not None and constraint.advance(r, token) \
+                            and not s.finished:
+                        s.finish_reason = "stop"        # the grammar is complete
                 if s.finished or (proposal is not None and not (j < len(g) and token == g[j])):
                     going.discard(r)
         scored = self._score_chosen(job.capture, columns, drawn, ids, chosen)
@@ -178,11 +202,11 @@ class Decoder:
             g = guesses[r]
             accepted = sum(1 for j in chosen[r] if j < len(g) and tokens[j].id == g[j])
             for j in chosen[r][:accepted]:
-                tokens[j] = dataclasses.replace(tokens[j], source=proposer.source)
+                tokens[j] = dataclasses.replace(tokens[j], source=loop.proposer.source)
             if g and chosen[r]:         # the step's record, on the last token it emitted
                 last = chosen[r][-1]
                 tokens[last] = dataclasses.replace(tokens[last], verify=Verify(
-                    proposer.source, scoring[r], tuple(g), accepted,
+                    loop.proposer.source, scoring[r], tuple(g), accepted,
                     accepted < len(chosen[r]) and last < len(g),
                     tuple(target_lp[r][:len(g)]) if target_lp else (),
                     tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs else ()))
@@ -190,31 +214,34 @@ class Decoder:
         return tuple(RowUpdate(r, tuple(scored[r][j] for j in chosen[r]),
                                seqs[r].finish_reason, seqs[r].stop_at) for r in chosen)
 
-    def _sample_column(self, sampler: Sampler, seqs: list[Sequence], rows: list[int],
+    def _sample_column(self, loop: _Loop, rows: list[int],
                        columns: list[tuple[torch.Tensor, Forward]], j: int,
                        proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens for the rows still walking at column j of a speculative step."""
-        active = torch.zeros(len(seqs), dtype=torch.bool, device=self.device)
+        sampler = loop.sampler
+        active = torch.zeros(len(loop.seqs), dtype=torch.bool, device=self.device)
         active[rows] = True
         proposed = q = None
         if j < len(columns) - 1:
             proposed = torch.tensor([g[j] if j < len(g) else 0 for g in proposal.tokens],
                                     device=self.device)
             q = None if proposal.q is None else proposal.q[:, j]
-        tokens, sampling_lp = sampler.sample(columns[j][0], active, proposed, q)
+        allowed = None if loop.constraint is None else loop.constraint.allowed(rows)
+        tokens, sampling_lp = sampler.sample(columns[j][0], active, proposed, q, allowed)
         sampler.update(tokens, active)
         return tokens, sampling_lp
 
-    def _draw_ahead(self, job: Job, seqs: list[Sequence], sampler: Sampler,
-                    first: tuple[torch.Tensor, Forward], scoring: list[int], state: Any,
-                    ahead: int) -> tuple[list[tuple[torch.Tensor, Forward]],
-                                         list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _draw_ahead(self, loop: _Loop, first: tuple[torch.Tensor, Forward], ahead: int
+                    ) -> tuple[list[tuple[torch.Tensor, Forward]],
+                               list[tuple[torch.Tensor, torch.Tensor]]]:
         """Draw each row's tokens for up to `ahead` steps without waiting for the device:
         each step's tokens are fed to the next on the device, and a row stops drawing
         there once it drew an EOS or reached its length. Stop strings are only seen when
         the host walks the tokens: a row that met one drew a few tokens too many, which
         the walk drops. Returns the columns (logits, forward) and draws (tokens, sampling
-        logprobs) of each step."""
+        logprobs) of each step. (With a grammar, `ahead` is 1: a mask needs the tokens
+        before it.)"""
+        job, seqs, sampler, scoring = loop.job, loop.seqs, loop.sampler, loop.scoring
         left = [0 if s.finished else s.max_new - s.generated for s in seqs]
         steps = max(1, min(ahead, max(left)))
         eos = None if job.ignore_eos or not job.eos_ids else to_device(
@@ -222,8 +249,10 @@ class Decoder:
         alive = to_device([[j < n for n in left] for j in range(steps)], self.device)
         active = alive[0]
         columns, drawn = [first], []
+        allowed = None if loop.constraint is None else loop.constraint.allowed(
+            [r for r, n in enumerate(left) if n])
         for j in range(steps):
-            tokens, sampling_lp = sampler.sample(columns[j][0], active)
+            tokens, sampling_lp = sampler.sample(columns[j][0], active, allowed=allowed)
             sampler.update(tokens, active)
             drawn.append((tokens, sampling_lp))
             if j == steps - 1:
@@ -237,7 +266,7 @@ class Decoder:
             # feeds again at its last position, and what it computes is dropped
             at = [scoring[r] + min(j, n - 1) if n else scoring[r] - 1
                   for r, n in enumerate(left)]
-            fwd = self.runner.decode(state, tokens, at, active, job.capture.layers)
+            fwd = self.runner.decode(loop.state, tokens, at, active, job.capture.layers)
             columns.append((fwd.logits, fwd))
         return columns, drawn
 

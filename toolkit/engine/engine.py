@@ -35,6 +35,7 @@ import torch
 
 from ..models import ModelInfo
 from .decode import Decoder
+from .grammar import Grammars
 from .outputs import Update
 from .prefix_cache import PrefixCache
 from .runner import make_runner
@@ -96,9 +97,10 @@ class Engine:
         self.pieces = token_bytes_table(tokenizer)
         self.device = next(model.parameters()).device
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.grammars = Grammars(tokenizer, info.vocab_size)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
-                               info.context_length, self.draft, ngram, speculative_tokens,
-                               chunk=DRAW_AHEAD)
+                               info.context_length, self.grammars, self.draft, ngram,
+                               speculative_tokens, chunk=DRAW_AHEAD)
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []

@@ -63,6 +63,11 @@ def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return logits + bias
 
 
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens a grammar does not allow next."""
+    return logits.masked_fill(~allowed, NEG_INF)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
                              penalty: torch.Tensor) -> torch.Tensor:
     """HF/CTRL semantics over prompt and output: a seen token's logit is divided by the
@@ -240,11 +245,15 @@ class Sampler:
                                   device=device)
         self.draws = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits of the final sampling distribution (greedy rows: before temperature)."""
+    def process(self, logits: torch.Tensor, allowed: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The logits of the final sampling distribution (greedy rows: before temperature).
+        `allowed` [rows, vocab] is a structured-output mask: the other tokens are dropped."""
         x = logits.float()
         if self.bias is not None:
             x = apply_logit_bias(x, self.bias)
+        if allowed is not None:
+            x = apply_mask(x, allowed)
         if self.seen is not None:
             x = apply_repetition_penalty(x, self.seen, self.repetition)
         if self.counts is not None:
@@ -265,8 +274,8 @@ class Sampler:
         return x
 
     def sample(self, logits: torch.Tensor, active: Optional[torch.Tensor] = None,
-               proposed: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               proposed: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
+               allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [rows] and their log-probabilities under the sampling distribution
         (0.0 for greedy rows, which the distribution puts all its mass on). Only `active`
         rows (default: all) take a draw or move Mirostat's state.
@@ -276,8 +285,9 @@ class Sampler:
         probability min(1, p/q), else draw from the normalised residual max(0, p - q); the
         token then follows p exactly. A proposal without `q` (a prediction, an n-gram) needs
         no rule: the draw from p is the same one plain decoding takes, and the proposal is
-        accepted when it equals it, with probability p(proposal), as DESIGN §3 asks."""
-        x = self.process(logits)
+        accepted when it equals it, with probability p(proposal), as DESIGN §3 asks.
+        `allowed` masks the tokens (structured output; see `process`)."""
+        x = self.process(logits, allowed)
         argmax = x.argmax(-1)
         active = torch.ones_like(self.greedy) if active is None else active
         if self.all_greedy:

@@ -15,8 +15,9 @@ import torch
 
 def to_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = None
               ) -> torch.Tensor:
-    """`torch.tensor(values, dtype=dtype, device=device)`, queued without a wait on CUDA."""
-    host = torch.tensor(values, dtype=dtype)
+    """`torch.tensor(values, dtype=dtype, device=device)` (or a host tensor moved there),
+    queued without a wait on CUDA."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
