@@ -205,7 +205,7 @@ def test_prefix_cache_stays_under_its_byte_budget(llama_dir):
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"speculation": [10**6]}, "speculation"),
     ({"prediction": "x = 1\n" * 2000}, "speculation"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"reasoning_effort": -1}, "reasoning_effort"),
     ({"images": ["data:image/png;base64,AAAA"]}, "images"),
     ({"response_format": {"type": "grammar", "grammar": "root ::= missing"}},
      "response_format"),

@@ -217,8 +217,8 @@ def test_sampling_never_picks_a_token_of_zero_probability(llm):
     ({"echo_last": 10**5000, "top_k": 10**5000}, "top_k"),
     ({"temperature": float("nan")}, "temperature"),
     ({"mirostat_target": float("inf")}, "mirostat_target"),
-    ({"reasoning_effort": 0}, "reasoning_effort"),
-    ({"reasoning_effort": False}, "reasoning_effort"),
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"reasoning_effort": 1.5}, "reasoning_effort"),
     ({"speculation": [10**5000]}, "speculation"),
 ])
 def test_bad_input_is_an_invalid_request_naming_the_field(llm, fields, param):

@@ -21,6 +21,7 @@ from typing import Sequence as SequenceOf
 
 from tqdm.auto import tqdm
 
+from .engine import reasoning
 from .engine.outputs import Capture, RowUpdate, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
@@ -48,7 +49,6 @@ _PROGRESS_AFTER_S = 2.0      # a request that finishes sooner shows no bar
 
 # Fields with issues of their own; until they land, a clear error rather than a silent no-op.
 _NOT_YET = {
-    "reasoning_effort": "reasoning_effort",
     "images": "images (vision-language input)",
 }
 
@@ -131,6 +131,9 @@ class Completions:
             value = getattr(req, name)
             if value is not None and not (name == "images" and value == []):
                 raise InvalidRequestError(f"{what} is not supported by this engine yet", name)
+        if req.reasoning_effort is not None and info.think_token_ids is None:
+            raise InvalidRequestError(f"reasoning_effort needs a model with think tokens; "
+                                      f"{info.name} declares none", "reasoning_effort")
         if req.include_routing_matrix and not info.is_moe:
             raise InvalidRequestError(f"include_routing_matrix needs a mixture-of-experts "
                                       f"model; {info.name} is dense", "include_routing_matrix")
@@ -198,7 +201,8 @@ class Completions:
                    stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len, speculation=speculation,
-                   grammar=self._llm.engine.grammars.compile(req.response_format))
+                   grammar=self._llm.engine.grammars.compile(req.response_format),
+                   think_budget=reasoning.budget(req.reasoning_effort, info.reasoning_budgets))
 
     def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
         """The predicted output as token ids (text is tokenized without special tokens:

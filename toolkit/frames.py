@@ -75,6 +75,8 @@ class ChoiceDetails:
     # for prompt tokens), and on the token that ended a speculative step, its record
     sources: list[Optional[str]] = field(default_factory=list)
     steps: list[Optional[dict[str, Any]]] = field(default_factory=list)
+    # per token: "prompt", "reasoning" (in a think block, tags included) or "completion"
+    segments: list[str] = field(default_factory=list)
 
 
 class FrameMethods:
@@ -128,6 +130,8 @@ class _Choice:
     layers: list[Any] = field(default_factory=list)
     sources: list[Optional[str]] = field(default_factory=list)
     steps: list[Optional[dict[str, Any]]] = field(default_factory=list)
+    # per token: "prompt", "reasoning" (in a think block, tags included) or "completion"
+    segments: list[str] = field(default_factory=list)
     has_logprobs: bool = False         # some chunk of it carried a logprobs object
 
 
@@ -168,11 +172,15 @@ def _choices(resp: Response) -> list[_Choice]:
                 m.layers += d.layers
                 m.sources += d.sources
                 m.steps += d.steps
+                m.segments += d.segments
     return [merged[i] for i in sorted(merged)]
 
 
 def _segments(c: _Choice, positions: list[int]) -> list[str]:
-    """prompt (echoed), reasoning (a <think> block, tags included), completion."""
+    """prompt (echoed), reasoning (a <think> block, tags included), completion: as the
+    engine marked them, else (a hosted response) from the think tags in the text."""
+    if len(c.segments) == len(c.entries):
+        return c.segments
     prompt_len = c.details.prompt_tokens if c.details else None
     # without details: echoed tokens are the new-format entries with no sampling logprob
     sampled = any(e.sampling_logprob is not None for e in c.entries)

@@ -73,10 +73,12 @@ def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, in
     array = lambda t: None if t is None else t.to("cpu", torch.float32).numpy()
     sources = [None if start + k < prompt_tokens else t.source or "model"
                for k, t in enumerate(tokens)]
+    segments = ["prompt" if start + k < prompt_tokens else
+                "reasoning" if t.reasoning else "completion" for k, t in enumerate(tokens)]
     return ChoiceDetails(prompt_index, prompt_tokens, start, [t.rank for t in tokens],
                          [t.entropy for t in tokens], [weights(t.weights) for t in tokens],
                          layer_ids, num_layers, [array(t.layers) for t in tokens], sources,
-                         [_step(t.verify, names) for t in tokens])
+                         [_step(t.verify, names) for t in tokens], segments)
 
 
 def _step(v: Any, names: "TokenText") -> Optional[dict[str, Any]]:

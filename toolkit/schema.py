@@ -181,8 +181,10 @@ class CompletionRequest(_Request):
         "`llm.request_log`.")
     reasoning_effort: Union[Literal["low", "medium", "high", "none"], bool,
                             Annotated[int, Field(ge=0)], None] = Field(
-        None, description="'none', 'low', 'medium', 'high', a boolean or a token budget, "
-        "for reasoning models; refused by this engine for now.")
+        None, description="For models whose card declares think tokens: the thinking "
+        "tokens allowed per <think> block, as a number, or 'low', 'medium', 'high' (the "
+        "card's budgets; true is 'medium'); 'none', false and 0 close an open block at "
+        "once. The end-of-think token is forced when the budget is spent.")
     return_token_ids: Optional[bool] = Field(
         False, description="Return the prompt's and each completion's token ids.")
     images: Optional[list[str]] = Field(

@@ -28,6 +28,7 @@ import torch
 from .grammar import Constraint, Grammars
 from .outputs import Capture, RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
+from .reasoning import Thinking
 from .runner import Forward, MovesKV, Runner, concat, stack
 from .sampler import Sampler
 from .sequence import Job, Sequence
@@ -50,15 +51,18 @@ class _Loop:
     scoring: list[int]              # position of the token each row's next column scores
     proposer: Any = None            # what guesses tokens, if anything
     constraint: Optional[Constraint] = None     # structured output's matchers
+    thinking: Optional[Thinking] = None         # think blocks, for models that have them
 
 
 class Decoder:
     def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
                  device: torch.device, context: int, grammars: Grammars,
-                 draft: Optional[Runner] = None, ngram: bool = False,
-                 speculative_tokens: Optional[int] = None, chunk: int = 1) -> None:
+                 think: Optional[tuple[int, int]] = None, draft: Optional[Runner] = None,
+                 ngram: bool = False, speculative_tokens: Optional[int] = None,
+                 chunk: int = 1) -> None:
         self.runner = runner
         self.grammars = grammars
+        self.think = think                  # the model's think tokens (start, end)
         self.chunk = chunk                  # plain decoding steps drawn between host syncs
         self.context = context
         self.draft = draft                  # speculation, when a request brings no
@@ -105,12 +109,15 @@ class Decoder:
                      [len(p) for p in job.row_prompts],
                      self._proposer(job, sampler, logits.shape[-1]),
                      None if job.grammar is None else
-                     self.grammars.constraint(job.grammar, rows, self.device))
+                     self.grammars.constraint(job.grammar, rows, self.device),
+                     None if self.think is None else
+                     Thinking(job.row_prompts, self.think, job.think_budget))
         columns, proposal = [(logits, fwd)], None
         # Steps drawn per walk in plain decoding: 1, 2, 4, .. up to `chunk`, so the first
         # token comes at once. A proposer guesses from each step's tokens, and a grammar
-        # masks each step by the tokens before it: 1 step.
-        one_at_a_time = loop.proposer is not None or loop.constraint is not None
+        # or a thinking budget masks each step by the tokens before it: 1 step.
+        one_at_a_time = (loop.proposer is not None or loop.constraint is not None
+                         or job.think_budget is not None)
         ahead = 1
         while not done:
             changed = self._walk(loop, columns, proposal, ahead)
@@ -171,10 +178,12 @@ class Decoder:
         Choosing is column by column (the sampler's state moves with each token); what is
         recorded of the chosen tokens (`_score`) is computed once for the whole walk. With
         a grammar, each token is drawn under the mask of the row's tokens before it, and a
-        row whose grammar is complete ends there."""
+        row whose grammar is complete ends there; tokens in a think block are reasoning,
+        and the grammar starts after the block."""
         job, seqs, scoring, constraint = loop.job, loop.seqs, loop.scoring, loop.constraint
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
         chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
+        thought: set[tuple[int, int]] = set()      # (column, row) of reasoning tokens
         going, drawn, ids = set(chosen), [], []
         if proposal is None:
             columns, drawn = self._draw_ahead(loop, columns[0], ahead)
@@ -191,7 +200,9 @@ class Decoder:
                 s, g, token = seqs[r], guesses[r], ids[j][r]
                 if self._append(job, s, loop.stops, Token(token, self.pieces[token])):
                     chosen[r].append(j)
-                    if constraint is not None and constraint.advance(r, token) \
+                    if loop.thinking is not None and loop.thinking.take(r, token):
+                        thought.add((j, r))
+                    elif constraint is not None and constraint.advance(r, token) \
                             and not s.finished:
                         s.finish_reason = "stop"        # the grammar is complete
                 if s.finished or (proposal is not None and not (j < len(g) and token == g[j])):
@@ -203,6 +214,9 @@ class Decoder:
             accepted = sum(1 for j in chosen[r] if j < len(g) and tokens[j].id == g[j])
             for j in chosen[r][:accepted]:
                 tokens[j] = dataclasses.replace(tokens[j], source=loop.proposer.source)
+            for j in chosen[r]:
+                if (j, r) in thought:
+                    tokens[j] = dataclasses.replace(tokens[j], reasoning=True)
             if g and chosen[r]:         # the step's record, on the last token it emitted
                 last = chosen[r][-1]
                 tokens[last] = dataclasses.replace(tokens[last], verify=Verify(
@@ -226,10 +240,29 @@ class Decoder:
             proposed = torch.tensor([g[j] if j < len(g) else 0 for g in proposal.tokens],
                                     device=self.device)
             q = None if proposal.q is None else proposal.q[:, j]
-        allowed = None if loop.constraint is None else loop.constraint.allowed(rows)
+        allowed = self._allowed(loop, rows)
         tokens, sampling_lp = sampler.sample(columns[j][0], active, proposed, q, allowed)
         sampler.update(tokens, active)
         return tokens, sampling_lp
+
+    def _allowed(self, loop: _Loop, rows: list[int]) -> Optional[torch.Tensor]:
+        """The tokens each of `rows` may take next ([rows, vocab], None: any): only the
+        end of its think block once its budget is spent; else, outside a think block,
+        what its grammar allows."""
+        thinking = loop.thinking
+        free = [r for r in rows if thinking is None or not thinking.inside[r]]
+        mask = None
+        if loop.constraint is not None and free:
+            mask = loop.constraint.allowed(free)
+        forced = [] if thinking is None else thinking.forced(rows)
+        if forced:
+            if mask is None:
+                mask = torch.ones(len(loop.seqs), loop.sampler.vocab_size, dtype=torch.bool,
+                                  device=self.device)
+            index = to_device(forced, self.device)
+            mask[index] = False
+            mask[index, thinking.end] = True
+        return mask
 
     def _draw_ahead(self, loop: _Loop, first: tuple[torch.Tensor, Forward], ahead: int
                     ) -> tuple[list[tuple[torch.Tensor, Forward]],
@@ -249,8 +282,7 @@ class Decoder:
         alive = to_device([[j < n for n in left] for j in range(steps)], self.device)
         active = alive[0]
         columns, drawn = [first], []
-        allowed = None if loop.constraint is None else loop.constraint.allowed(
-            [r for r, n in enumerate(left) if n])
+        allowed = self._allowed(loop, [r for r, n in enumerate(left) if n])
         for j in range(steps):
             tokens, sampling_lp = sampler.sample(columns[j][0], active, allowed=allowed)
             sampler.update(tokens, active)

@@ -99,8 +99,8 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.grammars = Grammars(tokenizer, info.vocab_size)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
-                               info.context_length, self.grammars, self.draft, ngram,
-                               speculative_tokens, chunk=DRAW_AHEAD)
+                               info.context_length, self.grammars, info.think_token_ids,
+                               self.draft, ngram, speculative_tokens, chunk=DRAW_AHEAD)
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []

@@ -72,6 +72,7 @@ class Token:
     layers: Optional[torch.Tensor] = None      # [taps, hidden]
     source: Optional[str] = None      # the proposer it was accepted from; None: the model
     verify: Optional[Verify] = None   # on the last token of a speculative step
+    reasoning: bool = False           # in a think block (its tags included)
 
 
 @dataclass

@@ -199,6 +199,7 @@ class Sampler:
     def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]],
                  seeds: Sequence[int], vocab_size: int, device: torch.device) -> None:
         rows = len(params)
+        self.vocab_size = vocab_size
         vec = lambda name, dtype=torch.float32: torch.tensor(
             [getattr(p, name) for p in params], dtype=dtype, device=device)
         self.temperature = vec("temperature")

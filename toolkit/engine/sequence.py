@@ -27,6 +27,7 @@ class Job:
     cache_max_len: Optional[int] = None   # None: whole prompt; 0: no reuse
     speculation: Optional[tuple[int, ...]] = None   # a predicted output, as token ids
     grammar: Optional[str] = None         # structured output (grammar.Grammars.compile)
+    think_budget: Optional[int] = None    # thinking tokens allowed per block; None: any
 
     @property
     def rows(self) -> int:
@@ -43,7 +44,7 @@ class Job:
         decode loop."""
         return (self.prompts, self.n, self.max_new, self.echo, self.capture, self.stops,
                 self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len,
-                self.speculation, self.grammar)
+                self.speculation, self.grammar, self.think_budget)
 
 
 @dataclass

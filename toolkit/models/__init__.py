@@ -22,6 +22,9 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_NAMES = ("tiny-code", "tiny-code-moe", "tiny-code-draft")
 DEFAULT_MODEL = "tiny-code"
 THINK_TOKENS = ("<think>", "</think>")
+# Thinking-token budgets of `reasoning_effort` 'low', 'medium' and 'high' for a model whose
+# card (its config's `reasoning_budgets`) declares none.
+DEFAULT_REASONING_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -48,6 +51,8 @@ class ModelInfo:
     experts_per_token: Optional[int] = None
     num_moe_layers: int = 0
     think_token_ids: Optional[tuple[int, int]] = None   # (start, end) of a think block
+    reasoning_budgets: dict[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
 
     @property
     def is_moe(self) -> bool:
@@ -183,6 +188,8 @@ def describe(model: Any, tokenizer: Any, name: str, source: str, path: str) -> M
         if moe_layers else None,
         num_moe_layers=len(moe_layers),
         think_token_ids=_think_ids(cfg, tokenizer),
+        reasoning_budgets={**DEFAULT_REASONING_BUDGETS,
+                           **(getattr(cfg, "reasoning_budgets", None) or {})},
     )
 
 

@@ -198,12 +198,17 @@ def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], k: int) -> torch
     return torch.stack(losses).mean()
 
 
+# Thinking tokens per block for `reasoning_effort` low, medium and high (the context is 1024).
+REASONING_BUDGETS = {"low": 32, "medium": 128, "high": 512}
+
+
 def make_model(name: str, seed: int) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
     arch, extra, _, _ = SPECS[name]
     config = (LlamaConfig if arch == "llama" else MixtralConfig)(**COMMON, **extra)
     config.think_tokens = SPECIALS[1:]
+    config.reasoning_budgets = REASONING_BUDGETS
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -349,6 +354,9 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
              f"`<|endoftext|>`, `<think>`, `</think>`). Trained by `"
              f"{t.get('command', 'python -m toolkit.models.train')}` (seed {card['seed']}); "
              "weights in float16.", "",
+             "`reasoning_effort` budgets (thinking tokens per `<think>` block): " + ", ".join(
+                 f"{k} {model.config.reasoning_budgets[k]}" for k in REASONING_BUDGETS)
+             + ".", "",
              "## Data", "",
              f"- Python {d['python']} standard library: {d['stdlib_files']} source files and "
              f"`pydoc_data.topics`, no test folders.",
