@@ -29,7 +29,8 @@ def test_token_plots_render(resp, draw, tmp_path):
 
 
 def test_expert_usage_plot(moe_llm, tmp_path):
-    resp = moe_llm.completions.create(prompt=PROMPT, max_tokens=4, include_routing_matrix=True)
+    resp = moe_llm.completions.create(prompt=PROMPT, max_tokens=4, include_routing_matrix=True,
+                                      ignore_eos=True, seed=0)   # 4 tokens, every run
     fig = plots.expert_usage(resp, num_experts=moe_llm.info.num_experts)
     fig.savefig(tmp_path / "experts.png")
     image = fig.axes[0].images[0].get_array()

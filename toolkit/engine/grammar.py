@@ -105,7 +105,8 @@ class Constraint:
         self.tokenizer = grammars.tokenizer
         self.vocab_size = grammars.vocab_size
         self.device = device
-        self.matchers = [llguidance.LLMatcher(self.tokenizer, grammar) for _ in range(rows)]
+        first = llguidance.LLMatcher(self.tokenizer, grammar)
+        self.matchers = [first] + [first.deep_copy() for _ in range(rows - 1)]
 
     def allowed(self, rows: list[int]) -> torch.Tensor:
         """[all rows, vocab] booleans: for each of `rows` the tokens its grammar allows
