@@ -26,6 +26,7 @@ from .engine.outputs import Capture, RowUpdate, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
 from .engine.text import StopStrings
+from . import vision
 from .errors import InvalidRequestError, brief
 from .frames import ChoiceDetails
 from .responses import (LocalChunk, LocalCompletion, TokenText, choice_logprobs,
@@ -48,11 +49,6 @@ REQUIRED: Any = _Required()
 _PROGRESS_AFTER_S = 2.0      # a request that finishes sooner shows no bar
 
 # Fields with issues of their own; until they land, a clear error rather than a silent no-op.
-_NOT_YET = {
-    "images": "images (vision-language input)",
-}
-
-
 class Completions:
     """The `/v1/completions` resource of a loaded model."""
 
@@ -127,10 +123,9 @@ class Completions:
 
     def _check_features(self, req: CompletionRequest) -> None:
         info = self._llm.info
-        for name, what in _NOT_YET.items():
-            value = getattr(req, name)
-            if value is not None and not (name == "images" and value == []):
-                raise InvalidRequestError(f"{what} is not supported by this engine yet", name)
+        if req.images and info.image_token is None:
+            raise InvalidRequestError(f"images need a vision-language model; {info.name} "
+                                      f"takes text only", "images")
         if req.reasoning_effort is not None and info.think_token_ids is None:
             raise InvalidRequestError(f"reasoning_effort needs a model with think tokens; "
                                       f"{info.name} declares none", "reasoning_effort")
@@ -151,14 +146,22 @@ class Completions:
                 raise InvalidRequestError(f"logit_bias token id {token} is outside the "
                                           f"vocabulary of {info.vocab_size}", "logit_bias")
 
-    def _tokenize(self, req: CompletionRequest) -> list[tuple[int, ...]]:
+    def _tokenize(self, req: CompletionRequest
+                  ) -> tuple[list[tuple[int, ...]], Optional[tuple[dict[str, Any], ...]]]:
+        """Each prompt's token ids, and with images, each prompt's image inputs."""
         vocab = self._llm.info.vocab_size
-        prompts = []
-        for p in req.prompts:
+        if req.images:
+            encoded = vision.prepare(self._llm.target.processor, self._llm.info.image_token,
+                                     req.prompts, req.images)
+            tokenized, inputs = [ids for ids, _ in encoded], tuple(x for _, x in encoded)
+        else:
             # verbose=False: a prompt over the context window gets our error (below), not
             # the tokenizer's warning first
-            ids = self._llm.tokenizer(p, verbose=False)["input_ids"] if isinstance(p, str) \
-                else list(p)
+            tokenized = [self._llm.tokenizer(p, verbose=False)["input_ids"]
+                         if isinstance(p, str) else list(p) for p in req.prompts]
+            inputs = None
+        prompts = []
+        for ids in tokenized:
             if not ids:
                 raise InvalidRequestError("prompt is empty (and the tokenizer adds no BOS "
                                           "token)", "prompt")
@@ -166,11 +169,11 @@ class Completions:
                 raise InvalidRequestError(f"prompt token id {brief(max(ids))} is outside the "
                                           f"vocabulary of {vocab}", "prompt")
             prompts.append(tuple(ids))
-        return prompts
+        return prompts, inputs
 
     def _plan(self, req: CompletionRequest) -> Job:
         info = self._llm.info
-        prompts = self._tokenize(req)
+        prompts, images = self._tokenize(req)
         window = info.context_length
         max_new = []
         for ids in prompts:
@@ -202,7 +205,8 @@ class Completions:
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len, speculation=speculation,
                    grammar=self._llm.engine.grammars.compile(req.response_format),
-                   think_budget=reasoning.budget(req.reasoning_effort, info.reasoning_budgets))
+                   think_budget=reasoning.budget(req.reasoning_effort, info.reasoning_budgets),
+                   images=images)
 
     def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
         """The predicted output as token ids (text is tokenized without special tokens:

@@ -188,8 +188,9 @@ class CompletionRequest(_Request):
     return_token_ids: Optional[bool] = Field(
         False, description="Return the prompt's and each completion's token ids.")
     images: Optional[list[str]] = Field(
-        None, description="Data URLs of images for vision-language models; refused by this "
-        "engine for now.")
+        None, description="Data URLs ('data:image/png;base64,...') of images for a "
+        "vision-language model: they fill the prompts' image placeholders in order (as many "
+        "images as placeholders), which its processor expands into image tokens.")
     # toolkit extensions
     include_last_activation: bool = Field(
         False, description="toolkit extension: each token's `last_activation`, base64 "

@@ -357,7 +357,11 @@ class Decoder:
         the echoed tokens, and how many prompt tokens came from the prefix cache."""
         row, echo_from = i * job.n, len(ids) - job.echo[i]
         cached = self._reuse_prefix(job, state, row, ids, echo_from)
-        fwd = self._forward_chunks(state, row, ids, cached, job.capture.layers)
+        if job.images and job.images[i]:        # with its images, in one piece
+            fwd = self.runner.prefill(state, row, list(ids), 0, job.capture.layers,
+                                      job.images[i])
+        else:
+            fwd = self._forward_chunks(state, row, ids, cached, job.capture.layers)
         if self.reuses_prefix and job.cache_max_len != 0:
             upto = len(ids) if job.cache_max_len is None else min(len(ids), job.cache_max_len)
             self.prefix_cache.store(job.cache_key, ids, upto,

@@ -76,8 +76,10 @@ class Runner(Protocol):
         """A fresh state for `rows` rows, sized for about `capacity` positions."""
 
     def prefill(self, state: Any, row: int, ids: list[int], start: int,
-                taps: tuple[int, ...] = ()) -> Forward:
-        """Tokens `ids` at positions start.. of one row (its earlier positions filled)."""
+                taps: tuple[int, ...] = (), images: Optional[dict[str, Any]] = None
+                ) -> Forward:
+        """Tokens `ids` at positions start.. of one row (its earlier positions filled);
+        `images`: a vision-language model's image inputs for a whole prompt."""
 
     def fork(self, state: Any, src: int, dst: list[int], length: int) -> None:
         """Copy the first `length` positions of row `src` to the rows `dst`."""
@@ -124,8 +126,10 @@ class LeanRunner:
         return self.lean.new_cache(rows, capacity)
 
     def prefill(self, cache: lean.KVCache, row: int, ids: list[int], start: int,
-                taps: tuple[int, ...] = ()) -> Forward:
-        """Run prompt tokens `ids` at positions start.. for one row."""
+                taps: tuple[int, ...] = (), images: Optional[dict[str, Any]] = None
+                ) -> Forward:
+        """Run prompt tokens `ids` at positions start.. for one row. (The lean family
+        takes no images.)"""
         t = torch.tensor([ids], device=self.lean.device)
         pos = torch.arange(start, start + len(ids), device=t.device)[None]
         out = self.lean.forward(t, pos, cache, slice(row, row + 1), taps)
@@ -185,6 +189,8 @@ class HFRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.info = info
         self.device = next(model.parameters()).device
+        # a vision-language model's decoder layers sit in its language model
+        self.layers = getattr(self.base, "layers", None) or self.base.language_model.layers
         # transformers renamed `past_key_values` to `cache` during 5.x; speak either.
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -193,17 +199,20 @@ class HFRunner:
         return [None] * rows
 
     def _run(self, caches: list[Any], row: int, ids: list[int],
-             taps: tuple[int, ...] = ()) -> Forward:
+             taps: tuple[int, ...] = (), images: Optional[dict[str, Any]] = None) -> Forward:
         from transformers import DynamicCache
 
         if caches[row] is None:
             caches[row] = DynamicCache(config=self.model.config)
         kwargs = {"output_router_logits": True} if self.info.is_moe else {}
         kwargs[self.cache_arg] = caches[row]
+        for name, value in (images or {}).items():
+            kwargs[name] = value.to(self.device, self.model.dtype if value.is_floating_point()
+                                    else value.dtype)
         # Tapped layers' outputs come from hooks: `output_hidden_states` would copy every
         # layer, and transformers puts the final norm's output in its last slot.
         tapped: dict[int, torch.Tensor] = {}
-        hooks = [self.base.layers[i].register_forward_hook(
+        hooks = [self.layers[i].register_forward_hook(
             lambda mod, args, out, i=i: tapped.__setitem__(
                 i, out[0] if isinstance(out, tuple) else out)) for i in taps]
         try:
@@ -223,8 +232,9 @@ class HFRunner:
         return Forward(hidden, experts, weights, layers)
 
     def prefill(self, caches: list[Any], row: int, ids: list[int], start: int,
-                taps: tuple[int, ...] = ()) -> Forward:
-        return self._run(caches, row, ids, taps)
+                taps: tuple[int, ...] = (), images: Optional[dict[str, Any]] = None
+                ) -> Forward:
+        return self._run(caches, row, ids, taps, images)
 
     def fork(self, caches: list[Any], src: int, dst: list[int], length: int) -> None:
         for d in dst:

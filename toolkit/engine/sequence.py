@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .outputs import Capture
 from .sampler import SamplingParams
@@ -28,6 +28,8 @@ class Job:
     speculation: Optional[tuple[int, ...]] = None   # a predicted output, as token ids
     grammar: Optional[str] = None         # structured output (grammar.Grammars.compile)
     think_budget: Optional[int] = None    # thinking tokens allowed per block; None: any
+    # per prompt, a vision-language model's image inputs (pixel values and the like)
+    images: Optional[tuple[dict[str, Any], ...]] = field(default=None, compare=False)
 
     @property
     def rows(self) -> int:
@@ -44,7 +46,8 @@ class Job:
         decode loop."""
         return (self.prompts, self.n, self.max_new, self.echo, self.capture, self.stops,
                 self.eos_ids, self.ignore_eos, self.cache_key, self.cache_max_len,
-                self.speculation, self.grammar, self.think_budget)
+                self.speculation, self.grammar, self.think_budget,
+                None if self.images is None else id(self))   # images: never merged
 
 
 @dataclass

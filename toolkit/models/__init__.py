@@ -53,6 +53,7 @@ class ModelInfo:
     think_token_ids: Optional[tuple[int, int]] = None   # (start, end) of a think block
     reasoning_budgets: dict[str, int] = field(
         default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
+    image_token: Optional[str] = None   # a vision-language model's image placeholder
 
     @property
     def is_moe(self) -> bool:
@@ -110,12 +111,15 @@ class LoadedModel:
     model: Any          # a transformers PreTrainedModel, in eval mode
     tokenizer: Any      # its transformers tokenizer
     info: ModelInfo
+    processor: Any = None   # a vision-language model's processor (images and text)
 
 
 def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
                     dtype: torch.dtype) -> LoadedModel:
-    """Load a model and its tokenizer onto `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model and its tokenizer onto `device` in `dtype`; a vision-language model
+    (its config has a `vision_config`) with its processor."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoProcessor, AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
     source, location = locate(name_or_path)
@@ -126,10 +130,17 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
             return loader.from_pretrained(location, **kwargs)
         return _from_hub(loader, location, **kwargs)
 
-    tokenizer = fetch(AutoTokenizer)
-    model = fetch(AutoModelForCausalLM, dtype=dtype).to(device).eval()
-    info = describe(model, tokenizer, os.fspath(name_or_path), source, location)
-    return LoadedModel(model, tokenizer, info)
+    processor = None
+    if getattr(fetch(AutoConfig), "vision_config", None) is not None:
+        processor = fetch(AutoProcessor)
+        tokenizer = processor.tokenizer
+        model = fetch(AutoModelForImageTextToText, dtype=dtype)
+    else:
+        tokenizer = fetch(AutoTokenizer)
+        model = fetch(AutoModelForCausalLM, dtype=dtype)
+    model = model.to(device).eval()
+    info = describe(model, tokenizer, os.fspath(name_or_path), source, location, processor)
+    return LoadedModel(model, tokenizer, info, processor)
 
 
 def _from_hub(loader: Any, hub_id: str, **kwargs: Any) -> Any:
@@ -164,7 +175,8 @@ def _unknown_name(name: str) -> str:
             f"{', '.join(ZOO_NAMES)}; or give a local folder, or a hub id as 'org/name'")
 
 
-def describe(model: Any, tokenizer: Any, name: str, source: str, path: str) -> ModelInfo:
+def describe(model: Any, tokenizer: Any, name: str, source: str, path: str,
+             processor: Any = None) -> ModelInfo:
     """Read a model's shape and special tokens into a `ModelInfo`."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
@@ -190,6 +202,7 @@ def describe(model: Any, tokenizer: Any, name: str, source: str, path: str) -> M
         think_token_ids=_think_ids(cfg, tokenizer),
         reasoning_budgets={**DEFAULT_REASONING_BUDGETS,
                            **(getattr(cfg, "reasoning_budgets", None) or {})},
+        image_token=getattr(processor, "image_token", None),
     )
 
 
@@ -213,8 +226,8 @@ def _context_length(cfg: Any, tokenizer: Any) -> int:
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), model.config.eos_token_id,
-                  tokenizer.eos_token_id):
+    for value in (getattr(gen, "eos_token_id", None),
+                  getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
         if value is not None:
             ids.update([value] if isinstance(value, int) else value)
     return tuple(sorted(ids))
