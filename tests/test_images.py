@@ -74,8 +74,9 @@ def test_logprobs_equal_a_forward_pass_with_the_image(vlm):
                                   return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == raw.prompt_token_ids
     with torch.no_grad():
-        ref = vlm.model(input_ids=torch.tensor([ids]),
-                        pixel_values=inputs["pixel_values"]).logits[0].log_softmax(-1)
+        ref = vlm.model(input_ids=torch.tensor([ids], device=vlm.device),
+                        pixel_values=inputs["pixel_values"].to(vlm.device)
+                        ).logits[0].float().log_softmax(-1).cpu()
     content = resp.choices[0].logprobs.content
     for pos in range(1, len(ids)):
         assert content[pos].logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
