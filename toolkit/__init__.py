@@ -2,7 +2,9 @@
 number it returns as a pandas DataFrame."""
 from . import errors, frames, plots, schema, widgets
 from .llm import LLM, load
+from .score import score
 from .sweep import sweep
 
-__all__ = ["LLM", "errors", "frames", "load", "plots", "schema", "sweep", "widgets"]
+__all__ = ["LLM", "errors", "frames", "load", "plots", "schema", "score", "sweep",
+           "widgets"]
 __version__ = "0.1.0"
