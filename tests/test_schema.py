@@ -61,6 +61,7 @@ FIELDS = {
     "include_last_activation": ([True, False], [None, 1]),
     "include_routing_matrix": ([True, False], [None, "yes"]),
     "activation_layers": ([None, [], [0, -1]], [[1.5], 3]),
+    "logprobs_for_tokens": ([None, [1], ["Yes", 2]], [[], [1.5], "Yes", [None]]),
 }
 
 
@@ -73,7 +74,8 @@ def test_every_reference_field_is_mirrored():
                 "echo_last", "ignore_eos", "context_length_exceeded_behavior",
                 "response_format", "logit_bias", "speculation", "prediction", "metadata",
                 "reasoning_effort", "return_token_ids", "images"}
-    extensions = {"include_last_activation", "include_routing_matrix", "activation_layers"}
+    extensions = {"include_last_activation", "include_routing_matrix", "activation_layers",
+                  "logprobs_for_tokens"}
     assert set(CompletionRequest.model_fields) == expected | extensions
     assert set(FIELDS) == expected | extensions
 

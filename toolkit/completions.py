@@ -82,7 +82,8 @@ class Completions:
                reasoning_effort: Union[str, bool, int, None] = None,
                return_token_ids: Optional[bool] = False, images: Optional[list[str]] = None,
                include_last_activation: bool = False, include_routing_matrix: bool = False,
-               activation_layers: Optional[list[int]] = None, **unknown: Any
+               activation_layers: Optional[list[int]] = None,
+               logprobs_for_tokens: Optional[list[Union[int, str]]] = None, **unknown: Any
                ) -> Union[LocalCompletion, Iterator[LocalChunk]]:
         # (the docstring is written from the schema's field descriptions: see below)
         fields = {name: value for name, value in locals().items()
@@ -132,7 +133,8 @@ class Completions:
         if req.include_routing_matrix and not info.is_moe:
             raise InvalidRequestError(f"include_routing_matrix needs a mixture-of-experts "
                                       f"model; {info.name} is dense", "include_routing_matrix")
-        for flag in ("include_last_activation", "include_routing_matrix"):
+        for flag in ("include_last_activation", "include_routing_matrix",
+                     "logprobs_for_tokens"):
             if getattr(req, flag) and req.logprobs_format == "legacy":
                 raise InvalidRequestError(f"{flag} rides on the new logprobs format: use "
                                           f"logprobs=true, not an integer", flag)
@@ -200,13 +202,33 @@ class Completions:
                    max_new=tuple(max_new), echo=tuple(echo),
                    capture=Capture(scores=wants_content(req), top_n=req.num_top_logprobs,
                                    hidden=req.include_last_activation,
-                                   routing=req.include_routing_matrix, layers=layers),
+                                   routing=req.include_routing_matrix, layers=layers,
+                                   tracked=self._tracked(req)),
                    stops=tuple(req.stop_sequences), eos_ids=frozenset(info.eos_token_ids),
                    ignore_eos=req.ignore_eos, cache_key=req.prompt_cache_isolation_key,
                    cache_max_len=req.prompt_cache_max_len, speculation=speculation,
                    grammar=self._llm.engine.grammars.compile(req.response_format),
                    think_budget=reasoning.budget(req.reasoning_effort, info.reasoning_budgets),
                    images=images)
+
+    def _tracked(self, req: CompletionRequest) -> tuple[int, ...]:
+        """`logprobs_for_tokens` as token ids: a string must be exactly one token."""
+        vocab, ids = self._llm.info.vocab_size, []
+        for token in req.logprobs_for_tokens or []:
+            if isinstance(token, str):
+                found = self._llm.tokenizer(token, add_special_tokens=False,
+                                            verbose=False)["input_ids"]
+                if len(found) != 1:
+                    raise InvalidRequestError(
+                        f"logprobs_for_tokens: {brief(token)} is {len(found)} tokens, not "
+                        f"one; pass the token ids you mean", "logprobs_for_tokens")
+                token = found[0]
+            if not 0 <= token < vocab:
+                raise InvalidRequestError(f"logprobs_for_tokens: token id {brief(token)} is "
+                                          f"outside the vocabulary of {vocab}",
+                                          "logprobs_for_tokens")
+            ids.append(token)
+        return tuple(ids)
 
     def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
         """The predicted output as token ids (text is tokenized without special tokens:
@@ -407,11 +429,11 @@ class _Run:
     # ---------------------------------------------------------------- choices and chunks
 
     def _entries(self, c: _ChoiceState, start: int, end: int, with_echo: bool) -> list:
-        echo = self.echoes[c.prompt_index]
-        entries = content_entries(echo, 0, len(echo), 0, self.names, False) if with_echo \
-            else []
+        echo, tracked = self.echoes[c.prompt_index], self.job.capture.tracked
+        entries = content_entries(echo, 0, len(echo), 0, self.names, False, tracked) \
+            if with_echo else []
         return entries + content_entries(c.out, start, end, len(echo.text.text), self.names,
-                                         True)
+                                         True, tracked)
 
     def _details(self, c: _ChoiceState, start: int, end: int, with_echo: bool
                  ) -> ChoiceDetails:

@@ -37,7 +37,8 @@ class EmptyFrameWarning(UserWarning):
 _ASK = {"logprobs": "logprobs=True (or an integer, for the legacy format)",
         "top logprobs": "logprobs=True with top_logprobs=1..5",
         "last activations": "include_last_activation=True",
-        "routing matrices": "include_routing_matrix=True, on a mixture-of-experts model"}
+        "routing matrices": "include_routing_matrix=True, on a mixture-of-experts model",
+        "tracked token logprobs": "logprobs_for_tokens=[token ids or one-token strings]"}
 
 
 def _missing(what: str) -> None:
@@ -93,6 +94,10 @@ class FrameMethods:
     def top_logprobs(self) -> pd.DataFrame:
         """`toolkit.frames.top_logprobs` of this response."""
         return top_logprobs(self)
+
+    def token_logprobs(self) -> pd.DataFrame:
+        """`toolkit.frames.token_logprobs` of this response."""
+        return token_logprobs(self)
 
     def activations(self, layer: Optional[int] = None) -> pd.DataFrame:
         """`toolkit.frames.activations` of this response."""
@@ -307,6 +312,28 @@ def top_logprobs(resp: Response) -> pd.DataFrame:
                                         "logprob"])
     return frame.astype({"choice": "int64", "position": "int64", "rank": "int64",
                          "token": "object", "token_id": "Int64", "logprob": "float64"})
+
+
+def token_logprobs(resp: Response) -> pd.DataFrame:
+    """Long format: one row per (choice, position, tracked token) of a request's
+    `logprobs_for_tokens`: the raw logprob of that token at that position, whatever its
+    rank. `token` is the token that stands at the position; `tracked_token` the one
+    scored there."""
+    rows = []
+    merged = _choices(resp)
+    if not any(e.logprobs_for_tokens for c in merged for e in c.entries):
+        _explain_empty(merged, "tracked token logprobs")
+    for c in merged:
+        start = c.details.start if c.details else 0
+        for k, e in enumerate(c.entries):
+            for alt in e.logprobs_for_tokens or []:
+                rows.append({"choice": c.index, "position": start + k, "token": e.token,
+                             "tracked_token": alt.token, "tracked_token_id": alt.token_id,
+                             "logprob": alt.logprob})
+    frame = pd.DataFrame(rows, columns=["choice", "position", "token", "tracked_token",
+                                        "tracked_token_id", "logprob"])
+    return frame.astype({"choice": "int64", "position": "int64", "tracked_token_id": "int64",
+                         "logprob": "float64"})
 
 
 def activation_matrix(resp: Response, layer: Optional[int] = None

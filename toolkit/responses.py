@@ -93,9 +93,11 @@ def _step(v: Any, names: "TokenText") -> Optional[dict[str, Any]]:
 
 
 def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,
-                    names: TokenText, with_sampling: bool) -> list[LogprobsContent]:
+                    names: TokenText, with_sampling: bool, tracked: tuple[int, ...] = ()
+                    ) -> list[LogprobsContent]:
     """New-format entries for tokens [start, end) of a log; offsets shifted into the
-    choice's text (echoed text comes first)."""
+    choice's text (echoed text comes first); `tracked` names the ids of each token's
+    `tracked` logprobs."""
     out = []
     for k in range(start, end):
         t = log.tokens[k]
@@ -108,6 +110,9 @@ def content_entries(log: TokenLog, start: int, end: int, offset_shift: int,
                           for i, lp in zip(t.top_ids, t.top_logprobs)],
             last_activation=None if t.hidden is None else encode_activation(t.hidden),
             routing_matrix=None if t.experts is None else encode_routing(t.experts),
+            logprobs_for_tokens=[TopLogprob(token=names(i), logprob=lp, token_id=i,
+                                            bytes=list(names.pieces[i]))
+                                 for i, lp in zip(tracked, t.tracked)] or None,
             **_extras(t)))
     return out
 
@@ -169,7 +174,7 @@ def wants_content(req: CompletionRequest) -> bool:
     """Per-token entries are built when logprobs or captures ask for them; captures alone
     come back in the new format, the only one with room for them."""
     return bool(req.logprobs_format or req.include_last_activation
-                or req.include_routing_matrix)
+                or req.include_routing_matrix or req.logprobs_for_tokens)
 
 
 def raw_output(req: CompletionRequest, job: Job, prompt_index: int, out: TokenLog,

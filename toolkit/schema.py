@@ -202,6 +202,11 @@ class CompletionRequest(_Request):
     activation_layers: Optional[list[int]] = Field(
         None, description="toolkit extension: also keep the residual stream after these "
         "layers, for `frames.activations(layer=...)` (not on the wire).")
+    logprobs_for_tokens: Optional[Annotated[list[Union[TokenId, str]],
+                                            Field(min_length=1, max_length=64)]] = Field(
+        None, description="toolkit extension: token ids or single-token strings whose raw "
+        "logprobs every content entry carries (`logprobs_for_tokens`), whatever their rank: "
+        "label probabilities from one request (with `echo`, at prompt positions too).")
 
     @field_validator("prompt")
     @classmethod
@@ -426,6 +431,7 @@ class LogprobsContent(_Response):
     routing_matrix: Optional[str] = None
     extra_tokens: Optional[list[int]] = None
     extra_logprobs: Optional[list[float]] = None
+    logprobs_for_tokens: Optional[list[TopLogprob]] = None
 
     @model_serializer(mode="wrap")
     def _keep_null_logprob(self, handler: Any) -> dict[str, Any]:

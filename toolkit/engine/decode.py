@@ -422,7 +422,7 @@ class Decoder:
         per kind of activation). `ids` are the tokens' ids where the host knows them."""
         ids = tokens.tolist() if ids is None else ids
         if not (capture.scores or capture.top_n or capture.hidden or capture.routing
-                or capture.layers):
+                or capture.layers or capture.tracked):
             return [Token(t, self.pieces[t]) for t in ids]
         raw = logits.log_softmax(-1)
         token_lp = raw.gather(1, tokens[:, None])[:, 0]
@@ -433,6 +433,9 @@ class Decoder:
         top = raw.topk(capture.top_n, dim=-1) if capture.top_n else None
         if top is not None:
             columns += [top.values.T, top.indices.T.to(raw.dtype)]
+        tracked = len(capture.tracked)
+        if tracked:
+            columns.append(raw[:, list(capture.tracked)].T)
         host = torch.cat([c.reshape(-1, len(ids)) for c in columns]).T.tolist()
         on_host = lambda t, wanted: t.cpu() if wanted and t is not None else None
         hidden, layers = on_host(fwd.hidden, capture.hidden), on_host(fwd.layers, True)
@@ -440,7 +443,8 @@ class Decoder:
         weights = on_host(fwd.weights, capture.routing)
         out = []
         for k, (t, row) in enumerate(zip(ids, host)):
-            tops = row[4:] if sampling_lp is not None else row[3:]
+            tops = row[4:len(row) - tracked] if sampling_lp is not None \
+                else row[3:len(row) - tracked]
             out.append(Token(
                 t, self.pieces[t], logprob=row[0],
                 sampling_logprob=row[3] if sampling_lp is not None else None,
@@ -449,7 +453,8 @@ class Decoder:
                 hidden=None if hidden is None else hidden[k],
                 experts=None if experts is None else experts[k],
                 weights=None if weights is None else weights[k],
-                layers=None if layers is None else layers[k]))
+                layers=None if layers is None else layers[k],
+                tracked=tuple(row[len(row) - tracked:]) if tracked else ()))
         return out
 
     def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> bool:

@@ -25,6 +25,7 @@ class Capture:
     hidden: bool = False              # final-norm hidden state that scored the token
     routing: bool = False             # experts (and router weights) at that position
     layers: tuple[int, ...] = ()      # residual streams after these layers
+    tracked: tuple[int, ...] = ()     # tokens whose raw logprobs every position records
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Token:
     source: Optional[str] = None      # the proposer it was accepted from; None: the model
     verify: Optional[Verify] = None   # on the last token of a speculative step
     reasoning: bool = False           # in a think block (its tags included)
+    tracked: tuple[float, ...] = ()   # raw logprobs of `Capture.tracked`, in its order
 
 
 @dataclass

@@ -189,8 +189,6 @@ class HFRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.info = info
         self.device = next(model.parameters()).device
-        # a vision-language model's decoder layers sit in its language model
-        self.layers = getattr(self.base, "layers", None) or self.base.language_model.layers
         # transformers renamed `past_key_values` to `cache` during 5.x; speak either.
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -212,7 +210,9 @@ class HFRunner:
         # Tapped layers' outputs come from hooks: `output_hidden_states` would copy every
         # layer, and transformers puts the final norm's output in its last slot.
         tapped: dict[int, torch.Tensor] = {}
-        hooks = [self.layers[i].register_forward_hook(
+        # (a vision-language model's decoder layers sit in its language model)
+        layers = getattr(self.base, "language_model", self.base).layers if taps else []
+        hooks = [layers[i].register_forward_hook(
             lambda mod, args, out, i=i: tapped.__setitem__(
                 i, out[0] if isinstance(out, tuple) else out)) for i in taps]
         try:
