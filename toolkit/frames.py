@@ -38,7 +38,8 @@ _ASK = {"logprobs": "logprobs=True (or an integer, for the legacy format)",
         "top logprobs": "logprobs=True with top_logprobs=1..5",
         "last activations": "include_last_activation=True",
         "routing matrices": "include_routing_matrix=True, on a mixture-of-experts model",
-        "tracked token logprobs": "logprobs_for_tokens=[token ids or one-token strings]"}
+        "tracked token logprobs": "logprobs_for_tokens=[token ids or one-token strings]",
+        "residual streams": "logprobs=True and activation_layers=[...] (a local response)"}
 
 
 def _missing(what: str) -> None:
@@ -98,6 +99,10 @@ class FrameMethods:
     def token_logprobs(self) -> pd.DataFrame:
         """`toolkit.frames.token_logprobs` of this response."""
         return token_logprobs(self)
+
+    def logit_lens(self, llm: Any) -> pd.DataFrame:
+        """`toolkit.frames.logit_lens` of this response, read through `llm`."""
+        return logit_lens(self, llm)
 
     def activations(self, layer: Optional[int] = None) -> pd.DataFrame:
         """`toolkit.frames.activations` of this response."""
@@ -334,6 +339,43 @@ def token_logprobs(resp: Response) -> pd.DataFrame:
                                         "tracked_token_id", "logprob"])
     return frame.astype({"choice": "int64", "position": "int64", "tracked_token_id": "int64",
                          "logprob": "float64"})
+
+
+LENS_COLUMNS = ["choice", "position", "layer", "token", "top_token", "top_logprob",
+                "logprob", "rank", "entropy"]
+
+
+def logit_lens(resp: Response, llm: Any) -> pd.DataFrame:
+    """The logit lens: the residual stream after each layer of `activation_layers`, read
+    through `llm`'s final norm and output head as if the model ended there. One row per
+    (choice, position, layer): that layer's top token and its logprob, and the logprob,
+    rank and entropy it gives the token that stands at the position. The last layer's
+    stream is the model's own: there the logprobs are the response's."""
+    import torch
+
+    rows = []
+    for c in _choices(resp):
+        taps = c.details.layer_ids if c.details else ()
+        keep = [k for k in range(min(len(c.entries), len(c.layers)))
+                if c.layers[k] is not None]
+        if not taps or not keep:
+            continue
+        streams = torch.from_numpy(np.stack([c.layers[k] for k in keep]))   # [n, taps, H]
+        with torch.no_grad():
+            logp = llm.engine.runner.lens(streams).log_softmax(-1).cpu()    # [n, taps, V]
+        ids = torch.tensor([c.entries[k].token_id for k in keep])
+        chosen = logp.gather(2, ids[:, None, None].expand(-1, len(taps), 1))[..., 0]
+        rank = (logp > chosen[..., None]).sum(-1) + 1
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+        top_lp, top_id = logp.max(-1)
+        for i, k in enumerate(keep):
+            for t, layer in enumerate(taps):
+                rows.append([c.index, c.details.start + k, layer, c.entries[k].token,
+                             llm.tokenizer.decode([int(top_id[i, t])]), float(top_lp[i, t]),
+                             float(chosen[i, t]), int(rank[i, t]), float(entropy[i, t])])
+    if not rows:
+        _missing("residual streams")
+    return pd.DataFrame(rows, columns=LENS_COLUMNS)
 
 
 def activation_matrix(resp: Response, layer: Optional[int] = None

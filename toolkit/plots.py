@@ -144,6 +144,33 @@ def acceptance(resp: Any, choice: int = 0, per_row: int = 16, max_rows: int = 12
     return fig
 
 
+def logit_lens(resp: Any, llm: Any, choice: int = 0, max_positions: int = 32) -> Figure:
+    """Layer x position heatmap of the logit lens (`frames.logit_lens`): each cell the
+    logprob that layer gives the token finally at that position, labelled with the
+    layer's own top token (up to `max_positions` positions, the last ones)."""
+    lens = _frame(resp, lambda r: frames.logit_lens(r, llm), "residual streams (ask for "
+                  "logprobs=True and activation_layers=[...])")
+    lens = lens[lens.choice == choice]
+    positions = sorted(lens.position.unique())[-max_positions:]
+    lens = lens[lens.position.isin(positions)]
+    grid = lens.pivot(index="layer", columns="position", values="logprob")
+    tops = lens.pivot(index="layer", columns="position", values="top_token")
+    tokens = lens.drop_duplicates("position").set_index("position").token.reindex(grid.columns)
+    fig = Figure(figsize=(0.55 * len(grid.columns) + 2.5, 0.45 * len(grid) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
+    for (y, x), top in np.ndenumerate(tops.to_numpy()):
+        ax.text(x, y, visible(top)[:6], ha="center", va="center", fontsize=7,
+                color=_ink(image, grid.to_numpy()[y, x]))
+    ax.set_xticks(range(len(grid.columns)), [visible(t) for t in tokens], rotation=90,
+                  fontsize=8)
+    ax.set_yticks(range(len(grid)), grid.index)
+    ax.set_xlabel("token at the position"), ax.set_ylabel("layer")
+    ax.set_title("logit lens: each layer's logprob of the final token (text: its top token)")
+    fig.colorbar(image, ax=ax, label="logprob", fraction=0.03)
+    return fig
+
+
 def expert_usage(data: Frameable, num_experts: Optional[int] = None) -> Figure:
     """Layer x expert heatmap of how many tokens each expert received."""
     route = _frame(data, frames.routing, "routing matrices (ask for "

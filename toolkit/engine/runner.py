@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from ..models import ModelInfo
 from . import lean
@@ -99,6 +100,10 @@ class Runner(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final-norm hidden states."""
 
+    def lens(self, streams: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of residual streams read through the final norm and the head,
+        as if the model ended at their layer (the logit lens)."""
+
 
 @runtime_checkable
 class MovesKV(Protocol):
@@ -171,6 +176,10 @@ class LeanRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lean.logits(hidden)
+
+    def lens(self, streams: torch.Tensor) -> torch.Tensor:
+        x = streams.to(self.lean.device, self.lean.dtype)
+        return self.logits(F.rms_norm(x, (x.shape[-1],), self.lean.norm, self.lean.eps))
 
     def read_kv(self, cache: lean.KVCache, row: int, start: int, end: int) -> torch.Tensor:
         return cache.read(row, start, end)
@@ -260,6 +269,12 @@ class HFRunner:
                         for f in ("hidden", "experts", "weights", "layers")))
         fwd.logits = self.logits(fwd.hidden)
         return fwd
+
+    def lens(self, streams: torch.Tensor) -> torch.Tensor:
+        base = getattr(self.base, "language_model", self.base)
+        norm = next(getattr(base, name) for name in ("norm", "ln_f", "final_layernorm")
+                    if hasattr(base, name))
+        return self.logits(norm(streams.to(self.device, self.head.weight.dtype)))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
