@@ -1,10 +1,11 @@
 """toolkit: the `/v1/completions` API in-process, on a local Hugging Face model, with every
 number it returns as a pandas DataFrame."""
 from . import errors, frames, plots, schema, widgets
+from .compare import compare
 from .llm import LLM, load
 from .score import score
 from .sweep import sweep
 
-__all__ = ["LLM", "errors", "frames", "load", "plots", "schema", "score", "sweep",
-           "widgets"]
+__all__ = ["LLM", "compare", "errors", "frames", "load", "plots", "schema", "score",
+           "sweep", "widgets"]
 __version__ = "0.1.0"

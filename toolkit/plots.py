@@ -171,6 +171,26 @@ def logit_lens(resp: Any, llm: Any, choice: int = 0, max_positions: int = 32) ->
     return fig
 
 
+def disagreement(frame: pd.DataFrame, max_labels: int = 48) -> Figure:
+    """KL(a ‖ b) along the text from `tk.compare`, positions where the two models' greedy
+    choices differ in red."""
+    if frame.empty:
+        raise ValueError("nothing to plot: the comparison is empty")
+    fig = Figure(figsize=(min(0.3 * len(frame) + 2, 16), 3.2))
+    ax = fig.add_subplot()
+    colours = np.where(frame.agree, "tab:blue", "tab:red")
+    ax.bar(range(len(frame)), frame.kl, color=colours)
+    if len(frame) <= max_labels:
+        ax.set_xticks(range(len(frame)), [visible(t) for t in frame.token], rotation=90,
+                      fontsize=8)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("position")
+    ax.set_ylabel("KL(a ‖ b), nats")
+    ax.set_title("where the two models differ (red: different greedy choices)")
+    return fig
+
+
 def expert_usage(data: Frameable, num_experts: Optional[int] = None) -> Figure:
     """Layer x expert heatmap of how many tokens each expert received."""
     route = _frame(data, frames.routing, "routing matrices (ask for "
