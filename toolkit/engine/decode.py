@@ -26,10 +26,11 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .grammar import Constraint, Grammars
-from .outputs import Capture, RowUpdate, Token, Update, Verify
+from .outputs import RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
 from .reasoning import Thinking
-from .runner import Forward, MovesKV, Runner, concat, stack
+from .runner import Forward, MovesKV, Runner, concat
+from .scoring import guess_logprobs, score_chosen, score_echo
 from .sampler import Sampler
 from .sequence import Job, Sequence
 from .speculation import (DEFAULT_TOKENS, DraftProposer, NgramProposer, PredictionProposer,
@@ -176,7 +177,7 @@ class Decoder:
         (`_draw_ahead`) and a row takes one from each column until it finishes.
 
         Choosing is column by column (the sampler's state moves with each token); what is
-        recorded of the chosen tokens (`_score`) is computed once for the whole walk. With
+        recorded of the chosen tokens (`scoring`) is computed once for the whole walk. With
         a grammar, each token is drawn under the mask of the row's tokens before it, and a
         row whose grammar is complete ends there; tokens in a think block are reasoning,
         and the grammar starts after the block."""
@@ -207,8 +208,9 @@ class Decoder:
                         s.finish_reason = "stop"        # the grammar is complete
                 if s.finished or (proposal is not None and not (j < len(g) and token == g[j])):
                     going.discard(r)
-        scored = self._score_chosen(job.capture, columns, drawn, ids, chosen)
-        target_lp = self._guess_logprobs(job.capture, columns, guesses) if proposal else None
+        scored = score_chosen(self.pieces, self.device, job.capture, columns, drawn, ids,
+                              chosen)
+        target_lp = guess_logprobs(job.capture, columns, guesses) if proposal else None
         for r, tokens in scored.items():
             g = guesses[r]
             accepted = sum(1 for j in chosen[r] if j < len(g) and tokens[j].id == g[j])
@@ -302,39 +304,6 @@ class Decoder:
             columns.append((fwd.logits, fwd))
         return columns, drawn
 
-    def _score_chosen(self, capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
-                      drawn: list[tuple[torch.Tensor, torch.Tensor]], ids: list[list[int]],
-                      chosen: dict[int, list[int]]) -> dict[int, dict[int, Token]]:
-        """Each row's chosen tokens, by column, scored in one `_score` call: the picks'
-        places go to the device in one transfer. `ids` are the drawn tokens, by column,
-        as the host has them."""
-        picks = sorted((j, r) for r in chosen for j in chosen[r])
-        out: dict[int, dict[int, Token]] = {r: {} for r in chosen}
-        if not picks:
-            return out
-        width = picks[-1][0] + 1
-        js, rs = to_device(picks, self.device).T
-        pick = lambda ts: ts[0][rs] if width == 1 else torch.stack(ts[:width])[js, rs]
-        fwd = (columns[0][1].select(rs) if width == 1 else
-               stack([c[1] for c in columns[:width]]).select((js, rs)))
-        new = self._score(capture, pick([c[0] for c in columns]), pick([d[0] for d in drawn]),
-                          pick([d[1] for d in drawn]), fwd, [ids[j][r] for j, r in picks])
-        for (j, r), token in zip(picks, new):
-            out[r][j] = token
-        return out
-
-    @staticmethod
-    def _guess_logprobs(capture: Capture, columns: list[tuple[torch.Tensor, Forward]],
-                        guesses: list[list[int]]) -> Optional[list[list[float]]]:
-        """Each guess's raw logprob at its column, when the request asks for scores."""
-        width = len(columns) - 1
-        if not capture.scores or width == 0:
-            return None
-        logp = torch.stack([c[0] for c in columns[:width]], 1).log_softmax(-1)
-        padded = torch.tensor([g + [0] * (width - len(g)) for g in guesses],
-                              device=logp.device)
-        return logp.gather(2, padded[..., None])[..., 0].tolist()
-
     def _proposer(self, job: Job, sampler: Sampler, vocab_size: int) -> Any:
         """What guesses this job's tokens: its prediction, else the engine's draft model
         or n-gram lookup, else nothing."""
@@ -369,7 +338,7 @@ class Decoder:
         # positions whose logits are needed: those that score echoed tokens, and the last
         first = max(echo_from - 1, 0) if job.echo[i] else len(ids) - 1
         logits = self.runner.logits(fwd.hidden[first - cached:])
-        echo = self._score_echo(job.capture, ids, echo_from, first, cached, fwd, logits)
+        echo = score_echo(self.pieces, job.capture, ids, echo_from, first, cached, fwd, logits)
         return fwd.select(-1), logits[-1], echo, cached
 
     def _forward_chunks(self, state: Any, row: int, ids: tuple[int, ...], start: int,
@@ -395,67 +364,6 @@ class Decoder:
         if cached:
             self.runner.write_kv(state, row, kv)
         return cached
-
-    def _score_echo(self, capture: Capture, ids: tuple[int, ...], echo_from: int, first: int,
-                    cached: int, fwd: Forward, logits: torch.Tensor) -> tuple[Token, ...]:
-        """Echoed prompt tokens with their raw logprobs (and captures); position 0 has no
-        context to be scored in."""
-        if echo_from >= len(ids):
-            return ()
-        head = (Token(ids[0], self.pieces[ids[0]]),) if echo_from == 0 else ()
-        scored = range(max(echo_from, 1), len(ids))
-        if not scored:
-            return head
-        # row k of `logits` scores ids[first + k + 1]; fwd row j - 1 - cached produced it
-        rows = [j - 1 - first for j in scored]
-        tokens = torch.tensor(ids[scored.start:], device=logits.device)
-        at = fwd.select([j - 1 - cached for j in scored])
-        return head + tuple(self._score(capture, logits[rows], tokens, None, at))
-
-    # ---------------------------------------------------------------------------- a step
-
-    def _score(self, capture: Capture, logits: torch.Tensor, tokens: torch.Tensor,
-               sampling_lp: Optional[torch.Tensor], fwd: Forward,
-               ids: Optional[list[int]] = None) -> list[Token]:
-        """Tokens [N] scored by logits [N, vocab] from the forward rows `fwd` that produced
-        them: only what `capture` asks for, brought to the host in one transfer (and one
-        per kind of activation). `ids` are the tokens' ids where the host knows them."""
-        ids = tokens.tolist() if ids is None else ids
-        if not (capture.scores or capture.top_n or capture.hidden or capture.routing
-                or capture.layers or capture.tracked):
-            return [Token(t, self.pieces[t]) for t in ids]
-        raw = logits.log_softmax(-1)
-        token_lp = raw.gather(1, tokens[:, None])[:, 0]
-        columns = [token_lp, (raw > token_lp[:, None]).sum(-1).to(raw.dtype) + 1,
-                   -(raw.exp() * raw).nan_to_num().sum(-1)]
-        if sampling_lp is not None:
-            columns.append(sampling_lp)
-        top = raw.topk(capture.top_n, dim=-1) if capture.top_n else None
-        if top is not None:
-            columns += [top.values.T, top.indices.T.to(raw.dtype)]
-        tracked = len(capture.tracked)
-        if tracked:
-            columns.append(raw[:, list(capture.tracked)].T)
-        host = torch.cat([c.reshape(-1, len(ids)) for c in columns]).T.tolist()
-        on_host = lambda t, wanted: t.cpu() if wanted and t is not None else None
-        hidden, layers = on_host(fwd.hidden, capture.hidden), on_host(fwd.layers, True)
-        experts = on_host(fwd.experts, capture.routing)
-        weights = on_host(fwd.weights, capture.routing)
-        out = []
-        for k, (t, row) in enumerate(zip(ids, host)):
-            tops = row[4:len(row) - tracked] if sampling_lp is not None \
-                else row[3:len(row) - tracked]
-            out.append(Token(
-                t, self.pieces[t], logprob=row[0],
-                sampling_logprob=row[3] if sampling_lp is not None else None,
-                top_ids=tuple(int(x) for x in tops[capture.top_n:]),
-                top_logprobs=tuple(tops[:capture.top_n]), rank=int(row[1]), entropy=row[2],
-                hidden=None if hidden is None else hidden[k],
-                experts=None if experts is None else experts[k],
-                weights=None if weights is None else weights[k],
-                layers=None if layers is None else layers[k],
-                tracked=tuple(row[len(row) - tracked:]) if tracked else ()))
-        return out
 
     def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> bool:
         """Add a row's new token; finish the row on EOS, a stop string or its length.
