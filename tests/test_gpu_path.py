@@ -180,3 +180,23 @@ def test_decoding_waits_for_the_device_once_per_run_of_steps(llama_dir):
     runs = (96 - 16) // llm.engine.decoder.chunk
     assert 0 < len(long) - len(short) <= 4 * runs, \
         sorted({f"{w.filename}:{w.lineno}" for w in long})
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly(llama_dir):
+    """If capturing fails (here: no CUDA at all; on a GPU, an op a graph cannot hold), the
+    engine warns once and goes on with the eager forward, with the same results."""
+    fast = tk.load(llama_dir, dtype="float32", compile=False)
+    runner = fast.engine.runner
+    runner.step = GraphStep(runner.lean, capture=True)
+    if torch.cuda.is_available():
+        runner.step._capture = lambda slot: 1 / 0
+    kw = dict(prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are unavailable"):
+        first = fast.completions.create(**kw)
+    assert runner.step.state == "unavailable" and not runner.step.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fast.completions.create(**kw)
+    eager = tk.load(llama_dir, dtype="float32", compile=False).completions.create(**kw)
+    same_choices(first, eager)
+    same_choices(again, eager)

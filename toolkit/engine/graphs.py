@@ -17,6 +17,7 @@ request's `activation_layers`.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -87,18 +88,21 @@ class GraphStep:
     first step (`capture=False` runs the same static step eagerly: on a CPU)."""
 
     max_rows = 1024     # a batch larger than this decodes eagerly
-    state = "CUDA graphs"
-    error = None
 
     def __init__(self, lean: LeanModel, capture: bool) -> None:
         self.lean = lean
         self.capture = capture
+        self.error: Optional[BaseException] = None   # a capture failed: eager from then on
         self.taps = tuple(range(len(lean.layers)))
         self.idle: dict[tuple[int, int], list[Slot]] = defaultdict(list)
 
+    @property
+    def state(self) -> str:
+        return "CUDA graphs" if self.error is None else "unavailable"
+
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Always ready: graphs are captured on the first step of each slot."""
-        return True
+        """Ready unless a capture failed: graphs are captured on each slot's first step."""
+        return self.error is None
 
     def new_cache(self, rows: int, capacity: int) -> PooledCache:
         return PooledCache(self, rows, capacity)
@@ -114,9 +118,13 @@ class GraphStep:
             idle.append(slot)
 
     def __call__(self, cache: PooledCache, tokens: torch.Tensor, positions: Sequence[int]
-                 ) -> tuple:
+                 ) -> Optional[tuple]:
         """(hidden [B, H], logits [B, V], streams [B, layers, H], routing or None) for one
-        token per row of the job at `positions`, their keys and values written."""
+        token per row of the job at `positions`, their keys and values written; None if
+        graphs are unavailable (a capture failed: the caller runs the eager forward, and the
+        failure is reported once, as a warning)."""
+        if self.error is not None:
+            return None
         cache.ensure(max(positions) + 1)
         slot, n = cache.slot, len(positions)
         slot.tokens[:n].copy_(tokens)
@@ -125,7 +133,14 @@ class GraphStep:
             outputs = self._step(slot)
         else:
             if slot.graph is None:
-                self._capture(slot)
+                try:
+                    self._capture(slot)
+                except Exception as err:            # an op the graph cannot hold
+                    self.error = err
+                    warnings.warn(f"toolkit: CUDA graphs are unavailable for this model "
+                                  f"({err!s:.200}); decoding with the eager forward",
+                                  RuntimeWarning, stacklevel=3)
+                    return None
             slot.graph.replay()
             outputs = slot.outputs
         hidden, logits, streams, route = outputs
