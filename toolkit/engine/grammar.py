@@ -37,6 +37,7 @@ class Grammars:
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._tokenizer: Any = None
+        self._executor: Any = None
 
     @property
     def tokenizer(self) -> Any:
@@ -45,6 +46,15 @@ class Grammars:
 
             self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer)
         return self._tokenizer
+
+    @property
+    def executor(self) -> Any:
+        """llguidance's thread pool, which computes several rows' masks at once."""
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()
+        return self._executor
 
     def compile(self, response_format: Any) -> Optional[str]:
         """The grammar (llguidance's serialised form) that a request's `response_format`
@@ -104,6 +114,7 @@ class Constraint:
 
         self.tokenizer = grammars.tokenizer
         self.vocab_size = grammars.vocab_size
+        self.executor = grammars.executor if rows > 1 else None
         self.device = device
         first = llguidance.LLMatcher(self.tokenizer, grammar)
         self.matchers = [first] + [first.deep_copy() for _ in range(rows - 1)]
@@ -114,10 +125,17 @@ class Constraint:
         get there) allows only EOS, so the row ends instead of sampling from nothing."""
         words = (self.tokenizer.vocab_size + 31) // 32
         bits = torch.full((len(self.matchers), words), -1, dtype=torch.int32)
-        for r in rows:           # (llguidance.torch does this too, but compiles on import)
+        # (as llguidance.torch does, which compiles a kernel on import)
+        if len(rows) > 1:
+            self.executor.unsafe_compute_mask_ptr([(self.matchers[r], r) for r in rows],
+                                                  bits.data_ptr(), words * 4, len(bits))
+        elif rows:
+            r = rows[0]
             self.matchers[r].unsafe_compute_mask_ptr(bits[r].data_ptr(), words * 4)
-            if not bits[r].any():
-                bits[r, self.tokenizer.eos_token // 32] = 1 << (self.tokenizer.eos_token % 32)
+        eos = self.tokenizer.eos_token
+        for r in rows:
+            if not bits[r].any():                 # int32: bit 31 is the sign bit
+                bits[r, eos // 32] = (1 << eos % 32) - (1 << 32 if eos % 32 == 31 else 0)
         shifts = torch.arange(32, dtype=torch.int32, device=self.device)
         mask = (to_device(bits, self.device)[:, :, None] >> shifts) & 1
         mask = mask.view(len(self.matchers), -1).bool()
