@@ -21,12 +21,12 @@ from typing import Sequence as SequenceOf
 
 from tqdm.auto import tqdm
 
+from . import vision
 from .engine import reasoning
 from .engine.outputs import Capture, RowUpdate, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
 from .engine.text import StopStrings
-from . import vision
 from .errors import InvalidRequestError, brief
 from .frames import ChoiceDetails
 from .responses import (LocalChunk, LocalCompletion, TokenText, choice_logprobs,
@@ -48,7 +48,6 @@ class _Required:
 REQUIRED: Any = _Required()
 _PROGRESS_AFTER_S = 2.0      # a request that finishes sooner shows no bar
 
-# Fields with issues of their own; until they land, a clear error rather than a silent no-op.
 class Completions:
     """The `/v1/completions` resource of a loaded model."""
 
@@ -143,15 +142,18 @@ class Completions:
                 raise InvalidRequestError(f"activation_layers: layer {brief(layer)} does not "
                                           f"exist; {info.name} has {info.num_layers}",
                                           "activation_layers")
-        for token in req.logit_bias or {}:
-            if int(token) >= info.vocab_size:
-                raise InvalidRequestError(f"logit_bias token id {token} is outside the "
-                                          f"vocabulary of {info.vocab_size}", "logit_bias")
+        self._check_vocab([int(token) for token in req.logit_bias or {}], "logit_bias")
+
+    def _check_vocab(self, ids: SequenceOf[int], param: str) -> None:
+        """Token ids given as `param` must be in the model's vocabulary."""
+        vocab = self._llm.info.vocab_size
+        if ids and max(ids) >= vocab:
+            raise InvalidRequestError(f"{param} token id {brief(max(ids))} is outside the "
+                                      f"vocabulary of {vocab}", param)
 
     def _tokenize(self, req: CompletionRequest
                   ) -> tuple[list[tuple[int, ...]], Optional[tuple[dict[str, Any], ...]]]:
         """Each prompt's token ids, and with images, each prompt's image inputs."""
-        vocab = self._llm.info.vocab_size
         if req.images:
             encoded = vision.prepare(self._llm.target.processor, self._llm.info.image_token,
                                      req.prompts, req.images)
@@ -167,9 +169,7 @@ class Completions:
             if not ids:
                 raise InvalidRequestError("prompt is empty (and the tokenizer adds no BOS "
                                           "token)", "prompt")
-            if max(ids) >= vocab:
-                raise InvalidRequestError(f"prompt token id {brief(max(ids))} is outside the "
-                                          f"vocabulary of {vocab}", "prompt")
+            self._check_vocab(ids, "prompt")
             prompts.append(tuple(ids))
         return prompts, inputs
 
@@ -213,7 +213,7 @@ class Completions:
 
     def _tracked(self, req: CompletionRequest) -> tuple[int, ...]:
         """`logprobs_for_tokens` as token ids: a string must be exactly one token."""
-        vocab, ids = self._llm.info.vocab_size, []
+        ids = []
         for token in req.logprobs_for_tokens or []:
             if isinstance(token, str):
                 found = self._llm.tokenizer(token, add_special_tokens=False,
@@ -223,11 +223,8 @@ class Completions:
                         f"logprobs_for_tokens: {brief(token)} is {len(found)} tokens, not "
                         f"one; pass the token ids you mean", "logprobs_for_tokens")
                 token = found[0]
-            if not 0 <= token < vocab:
-                raise InvalidRequestError(f"logprobs_for_tokens: token id {brief(token)} is "
-                                          f"outside the vocabulary of {vocab}",
-                                          "logprobs_for_tokens")
             ids.append(token)
+        self._check_vocab(ids, "logprobs_for_tokens")
         return tuple(ids)
 
     def _speculation(self, req: CompletionRequest, window: int) -> Optional[tuple[int, ...]]:
@@ -238,10 +235,7 @@ class Completions:
             return None
         ids = self._llm.tokenizer(guess, add_special_tokens=False, verbose=False)[
             "input_ids"] if isinstance(guess, str) else list(guess)
-        vocab = self._llm.info.vocab_size
-        if ids and max(ids) >= vocab:
-            raise InvalidRequestError(f"speculation token id {brief(max(ids))} is outside "
-                                      f"the vocabulary of {vocab}", "speculation")
+        self._check_vocab(ids, "speculation")
         if len(ids) > window:
             raise InvalidRequestError(f"the prediction is {len(ids)} tokens, longer than the "
                                       f"context window of {window}", "speculation")

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -299,20 +299,26 @@ def acceptance(resp: Union[Response, pd.DataFrame]) -> pd.DataFrame:
                                        "conditional_rate"])
 
 
-def top_logprobs(resp: Response) -> pd.DataFrame:
-    """Long format: one row per (choice, position, rank) alternative."""
-    rows = []
+def _alternatives(resp: Response, field: str, what: str
+                  ) -> Iterator[tuple[_Choice, int, LogprobsContent, int, Any]]:
+    """(choice, position, entry, rank from 1, alternative) for each alternative listed in
+    the entries' `field` (`top_logprobs`, `logprobs_for_tokens`); a warning naming `what`
+    when the response has none."""
     merged = _choices(resp)
-    if not any(e.top_logprobs for c in merged for e in c.entries):
-        _explain_empty(merged, "top logprobs")
+    if not any(getattr(e, field) for c in merged for e in c.entries):
+        _explain_empty(merged, what)
     for c in merged:
         start = c.details.start if c.details else 0
         for k, e in enumerate(c.entries):
-            for r, alt in enumerate(e.top_logprobs or [], start=1):
-                rows.append({"choice": c.index, "position": start + k, "rank": r,
-                             "token": alt.token,
-                             "token_id": alt.token_id if alt.token_id >= 0 else None,
-                             "logprob": alt.logprob})
+            for r, alt in enumerate(getattr(e, field) or [], start=1):
+                yield c, start + k, e, r, alt
+
+
+def top_logprobs(resp: Response) -> pd.DataFrame:
+    """Long format: one row per (choice, position, rank) alternative."""
+    rows = [{"choice": c.index, "position": position, "rank": r, "token": alt.token,
+             "token_id": alt.token_id if alt.token_id >= 0 else None, "logprob": alt.logprob}
+            for c, position, _, r, alt in _alternatives(resp, "top_logprobs", "top logprobs")]
     frame = pd.DataFrame(rows, columns=["choice", "position", "rank", "token", "token_id",
                                         "logprob"])
     return frame.astype({"choice": "int64", "position": "int64", "rank": "int64",
@@ -324,17 +330,11 @@ def token_logprobs(resp: Response) -> pd.DataFrame:
     `logprobs_for_tokens`: the raw logprob of that token at that position, whatever its
     rank. `token` is the token that stands at the position; `tracked_token` the one
     scored there."""
-    rows = []
-    merged = _choices(resp)
-    if not any(e.logprobs_for_tokens for c in merged for e in c.entries):
-        _explain_empty(merged, "tracked token logprobs")
-    for c in merged:
-        start = c.details.start if c.details else 0
-        for k, e in enumerate(c.entries):
-            for alt in e.logprobs_for_tokens or []:
-                rows.append({"choice": c.index, "position": start + k, "token": e.token,
-                             "tracked_token": alt.token, "tracked_token_id": alt.token_id,
-                             "logprob": alt.logprob})
+    rows = [{"choice": c.index, "position": position, "token": e.token,
+             "tracked_token": alt.token, "tracked_token_id": alt.token_id,
+             "logprob": alt.logprob}
+            for c, position, e, _, alt in _alternatives(resp, "logprobs_for_tokens",
+                                                        "tracked token logprobs")]
     frame = pd.DataFrame(rows, columns=["choice", "position", "token", "tracked_token",
                                         "tracked_token_id", "logprob"])
     return frame.astype({"choice": "int64", "position": "int64", "tracked_token_id": "int64",
