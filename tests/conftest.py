@@ -89,3 +89,13 @@ def llm(llama_dir):
 def moe_llm(moe_dir):
     import toolkit as tk
     return compiled(tk.load(moe_dir, dtype="float32"))
+
+
+def forward_logprobs(llm, ids):
+    """Reference: the HF model's own forward over `ids`, float32 log-probs on the host;
+    row j scores token j + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0]
+    return logits.float().log_softmax(-1).cpu()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import forward_logprobs
 
 import toolkit as tk
 from toolkit.errors import InvalidRequestError
@@ -17,17 +18,11 @@ def pair():
             tk.load("tiny-code-draft", dtype="float32", progress=False))
 
 
-def forward(llm, ids):
-    with torch.no_grad():
-        logits = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0, :-1]
-    return logits.float().log_softmax(-1).cpu()
-
-
 def test_two_models_against_their_forward_passes(pair, tmp_path):
     a, b = pair
     frame = tk.compare(a, b, TEXT)
     ids = a.tokenizer(TEXT)["input_ids"]
-    ref_a, ref_b = forward(a, ids), forward(b, ids)
+    ref_a, ref_b = (forward_logprobs(llm, ids)[:-1] for llm in (a, b))
     target = torch.tensor(ids[1:])[:, None]
     assert frame.token_id.tolist() == ids[1:]
     assert frame.logprob_a.tolist() == pytest.approx(ref_a.gather(1, target)[:, 0].tolist(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import forward_logprobs
 from wire import check_completion
 
 import toolkit as tk
@@ -10,13 +11,6 @@ from toolkit.captures import decode_activation, decode_routing
 from toolkit.errors import InvalidRequestError
 
 PROMPT = "def add(a, b):\n    return a + b\n"
-
-
-def forward(llm, ids):
-    """Reference: the HF model's own forward over the whole sequence, float32."""
-    with torch.no_grad():
-        out = llm.model(input_ids=torch.tensor([ids], device=llm.device))
-    return out.logits[0].float().log_softmax(-1).cpu()
 
 
 def all_ids(choice):
@@ -44,7 +38,7 @@ def test_generated_and_echoed_logprobs_equal_a_forward_pass(engines):
                                       raw_output=True, return_token_ids=True)
     choice = resp.choices[0]
     ids = all_ids(choice)
-    ref = forward(engines, ids)
+    ref = forward_logprobs(engines, ids)
     content = choice.logprobs.content
     assert [c.token_id for c in content] == ids
     assert content[0].logprob is None and content[0].sampling_logprob is None
@@ -87,7 +81,7 @@ def test_echo_last_scores_only_the_prompt_suffix(llm):
     resp = llm.completions.create(prompt=PROMPT, max_tokens=0, echo_last=4, logprobs=True)
     content = resp.choices[0].logprobs.content
     assert [c.token_id for c in content] == ids[-4:]
-    ref = forward(llm, ids)
+    ref = forward_logprobs(llm, ids)
     for k, c in enumerate(content):
         pos = len(ids) - 4 + k
         assert c.logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)

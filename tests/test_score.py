@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import forward_logprobs
 
 import toolkit as tk
 from toolkit.errors import InvalidRequestError
@@ -11,13 +12,6 @@ from toolkit.errors import InvalidRequestError
 CONTEXT = "def add(a, b):\n    return "
 TEXT = ("import os\nimport sys\n\n\ndef main(argv):\n    for name in argv:\n"
         "        print(os.path.basename(name))\n    return 0\n\n") * 6
-
-
-def forward_logprobs(llm, ids):
-    """Row j: the log-softmax that scores token j + 1."""
-    with torch.no_grad():
-        logits = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0]
-    return logits.float().log_softmax(-1).cpu()
 
 
 def reference(llm, context, continuation):

@@ -8,7 +8,7 @@ import re
 
 import jsonschema
 import pytest
-import torch
+from conftest import forward_logprobs
 
 import toolkit as tk
 from toolkit.errors import InvalidRequestError
@@ -98,9 +98,7 @@ def test_raw_logprobs_stay_unmasked_and_sampling_logprobs_see_the_mask(zoo):
                                   return_token_ids=True)
     entry = resp.choices[0].logprobs.content[0]
     ids = zoo.tokenizer("answer: ")["input_ids"]
-    with torch.no_grad():
-        raw = zoo.model(input_ids=torch.tensor([ids], device=zoo.device)).logits[0, -1]
-    raw = raw.float().log_softmax(-1)
+    raw = forward_logprobs(zoo, ids)[-1]
     assert entry.logprob == pytest.approx(raw[entry.token_id].item(), abs=1e-4)
     legal = [t for t in range(len(raw)) if re.fullmatch(
         r"(y|ye|yes|n|no)", zoo.tokenizer.decode([t]))]

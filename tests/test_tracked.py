@@ -3,7 +3,7 @@ whatever their rank, against a direct forward pass."""
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import forward_logprobs
 
 from toolkit.errors import InvalidRequestError
 
@@ -19,9 +19,7 @@ def test_tracked_logprobs_equal_a_forward_pass_everywhere(fixture, request):
                                   raw_output=True, logprobs_for_tokens=tracked)
     choice = resp.choices[0]
     ids = choice.raw_output.prompt_token_ids + choice.token_ids
-    with torch.no_grad():
-        ref = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0]
-    ref = ref.float().log_softmax(-1).cpu()
+    ref = forward_logprobs(llm, ids)
     content = choice.logprobs.content
     assert len(content) == len(ids)
     outside = 0
