@@ -3,9 +3,11 @@ number it returns as a pandas DataFrame."""
 from . import errors, frames, plots, schema, widgets
 from .compare import compare
 from .llm import LLM, load
+from .remote import remote
 from .score import score
+from .serve import serve
 from .sweep import sweep
 
-__all__ = ["LLM", "compare", "errors", "frames", "load", "plots", "schema", "score",
-           "sweep", "widgets"]
+__all__ = ["LLM", "compare", "errors", "frames", "load", "plots", "remote", "schema", "score",
+           "serve", "sweep", "widgets"]
 __version__ = "0.1.0"

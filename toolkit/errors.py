@@ -49,6 +49,48 @@ class NotFoundError(APIError, LookupError):
     code = "NOT_FOUND"
 
 
+class AuthenticationError(APIError, PermissionError):
+    """The API key is missing or wrong (HTTP 401)."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "UNAUTHORIZED"
+
+
+class RequestTooLargeError(APIError, ValueError):
+    """The request body is larger than the server accepts (HTTP 413)."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class RateLimitError(APIError):
+    """The server is at its limit of concurrent requests (HTTP 429): retry later."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "TOO_MANY_REQUESTS"
+
+
+_BY_STATUS = {cls.status_code: cls for cls in (InvalidRequestError, AuthenticationError,
+                                               NotFoundError, RequestTooLargeError,
+                                               RateLimitError)}
+
+
+def from_http(status: int, body: Any) -> APIError:
+    """The exception for an HTTP error answer of a (hosted or toolkit) endpoint: the class
+    its status maps to, with the message and `param` of its JSON body where it has them."""
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    if not isinstance(error, dict):
+        error = {"message": error}
+    message = error.get("message") or (body if isinstance(body, str) and body
+                                       else f"HTTP {status}")
+    err = _BY_STATUS.get(status, APIError)(str(message), error.get("param"))
+    err.status_code = status
+    return err
+
+
 def brief(value: Any) -> str:
     """A value as an error message shows it: a bounded repr, long values cut, integers too
     long to print (Python refuses past 4300 digits) described by their size, lone

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -79,6 +79,20 @@ class ChoiceDetails:
     steps: list[Optional[dict[str, Any]]] = field(default_factory=list)
     # per token: "prompt", "reasoning" (in a think block, tags included) or "completion"
     segments: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """These details as JSON values (arrays as nested lists): a toolkit server sends
+        them to `toolkit.remote`, whose frames then equal the local ones."""
+        out = asdict(self)
+        out["layers"] = [None if a is None else a.tolist() for a in self.layers]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ChoiceDetails":
+        """The inverse of `to_json`."""
+        return cls(**{**data, "layer_ids": tuple(data["layer_ids"]),
+                      "layers": [None if a is None else np.asarray(a, np.float32)
+                                 for a in data["layers"]]})
 
 
 class FrameMethods:

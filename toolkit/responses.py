@@ -22,6 +22,11 @@ from .schema import (Completion, CompletionChunk, CompletionRequest, LegacyLogpr
                      TopLogprob, Usage)
 
 
+# A toolkit server adds the frames' details of each choice to a response under this field
+# when a request carries this header (as `toolkit.remote` does); the SDKs never see it.
+DETAILS_HEADER, DETAILS_FIELD = "x-toolkit-details", "toolkit_details"
+
+
 class _Shown:
     """A few lines in a console, a small table in a notebook (`toolkit.display`)."""
 

@@ -14,6 +14,10 @@ it stops spin-waiting between kernels: a decode step on a second thread, beside 
 notebook thread that has run any torch code, ran 4x slower. Stepping on the caller's
 thread keeps one team.
 
+A server, whose callers are many short-lived worker threads and whose clients read at their
+own pace, runs the rounds on one thread of the engine's own instead (`driven()`): callers
+then only wait for their updates, and decoding goes on while a client is slow to read.
+
 Each job keeps its own batch: its numbers never depend on what else is running (a result is
 bit-identical to the same request made alone), at the price of one forward per job per step.
 
@@ -104,6 +108,8 @@ class Engine:
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []
+        self._driver: Optional[threading.Thread] = None    # see `driven`
+        self._drivers_wanted = 0
 
     @property
     def in_flight(self) -> int:
@@ -116,11 +122,56 @@ class Engine:
         with self._cv:
             handle.concurrent = len(self._live) + 1
             self._live.append((handle, self.decoder.run(job, handle.submitted)))
+            self._cv.notify_all()              # a driver waiting for work wakes up
         return handle
+
+    @contextmanager
+    def driven(self) -> Iterator[None]:
+        """Run every round on a thread of the engine's own while the block runs (blocks
+        may nest, or overlap from several threads: one driver serves them all).
+
+        For a server: its requests come from a pool of worker threads, and on a CPU each
+        thread that runs a round grows its own OpenMP team (more teams than cores made a
+        step ~3x slower); one driver keeps one team, and jobs advance whether or not
+        their clients are reading. Callers meanwhile only wait for their updates. Should
+        the driver fail, callers step the jobs themselves again."""
+        with self._cv:
+            self._drivers_wanted += 1
+            if self._driver is None:
+                self._driver = threading.Thread(target=self._drive, daemon=True,
+                                                name="toolkit-engine")
+                self._driver.start()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._drivers_wanted -= 1     # the driver stops after its round
+                self._cv.notify_all()
+
+    def _drive(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    if not self._drivers_wanted:
+                        self._driver = None   # decided under the lock that `driven` takes
+                        self._cv.notify_all()
+                        return
+                    if not self._live:
+                        self._cv.wait(_POLL_S)
+                        continue
+                with self._stepping:
+                    self._round()
+                with self._cv:
+                    self._cv.notify_all()
+        except BaseException:
+            with self._cv:
+                self._driver = None
+                self._cv.notify_all()
+            raise
 
     def _advance(self, handle: Handle) -> None:
         """Run a round, or wait for the thread that is running one."""
-        if self._stepping.acquire(blocking=False):
+        if self._driver is None and self._stepping.acquire(blocking=False):
             try:
                 with _interrupts_held_back():
                     self._round()
