@@ -175,6 +175,42 @@ def test_two_threads_and_an_open_stream_match_serial_runs(llm):
     assert settled(llm)
 
 
+def test_a_driven_engine_steps_on_its_own_thread(llm):
+    """Under `Engine.driven` (as a server runs it) jobs advance on the driver thread, with
+    the numbers they get alone; blocks nest; afterwards callers step again."""
+    fields = dict(prompt=PROMPT, max_tokens=40, ignore_eos=True, seed=4, logprobs=True)
+    alone = ids_and_logprobs(llm.completions.create(**fields))
+    stepped_by = set()
+    original = llm.engine._round
+
+    def round_():
+        stepped_by.add(threading.current_thread().name)
+        original()
+
+    llm.engine._round = round_
+    try:
+        with llm.engine.driven(), llm.engine.driven():
+            stream = llm.completions.create(stream=True, **fields)
+            next(stream)
+            deadline = time.monotonic() + 30     # the driver goes on while nobody reads
+            while llm.engine._live and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not llm.engine._live
+            rest = list(stream)
+            assert rest[-1].choices[0].finish_reason == "length"
+            assert ids_and_logprobs(llm.completions.create(**fields)) == alone
+        assert stepped_by == {"toolkit-engine"}
+        deadline = time.monotonic() + 10
+        while llm.engine._driver is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        llm.completions.create(**fields)
+        assert threading.current_thread().name in stepped_by
+    finally:
+        del llm.engine._round
+    assert settled(llm)
+
+
 # --------------------------------------------------------------------------- extreme knobs
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8, 1e-3])
