@@ -121,3 +121,18 @@ def test_a_text_model_refuses_images(llm):
     with pytest.raises(InvalidRequestError) as info:
         llm.completions.create(prompt="x", images=[RED], max_tokens=2)
     assert info.value.param == "images" and "text only" in str(info.value)
+
+
+def test_images_over_http_give_the_in_process_result(vlm):
+    from fireworks import Fireworks
+
+    fields = dict(prompt="<image> is", images=[RED], max_tokens=5, seed=3, logprobs=True,
+                  top_logprobs=2, raw_output=True)
+    with tk.serve(vlm, port=0) as server:
+        client = Fireworks(base_url=server.url.removesuffix("/v1"), api_key="-",
+                           max_retries=0)
+        got = client.completions.create(model=vlm.name, **fields)
+    want = vlm.completions.create(**fields)
+    drop = {"id", "created"}
+    assert {k: v for k, v in got.model_dump(exclude_none=True).items() if k not in drop} == \
+        want.model_dump(exclude_none=True, exclude=drop)

@@ -107,6 +107,21 @@ def test_fireworks_sdk_gets_the_in_process_results(llm, fw, fields, stream):
     assert got == _local(llm, fields)
 
 
+def test_routing_matrices_over_http_equal_the_in_process_ones(moe_llm):
+    fields = dict(prompt=PROMPT, max_tokens=6, seed=1, logprobs=True, top_logprobs=2,
+                  include_routing_matrix=True)
+    with tk.serve(moe_llm, port=0) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0)
+        extra = {k: v for k, v in fields.items() if k != "prompt"}
+        got = client.completions.create(model=moe_llm.name, prompt=PROMPT, extra_body=extra)
+        chunks = client.completions.create(model=moe_llm.name, prompt=PROMPT, stream=True,
+                                           extra_body=extra)
+        streamed = [_comparable(c.model_dump(exclude_none=True)) for c in chunks]
+    assert _comparable(got.model_dump(exclude_none=True)) == _local(moe_llm, fields)
+    assert streamed == _local(moe_llm, {**fields, "stream": True})
+    assert "routing_matrix" in got.choices[0].logprobs.content[0]
+
+
 def test_perf_metrics_ride_in_headers_and_on_the_last_chunk(llm, oa):
     raw = oa.completions.with_raw_response.create(model=llm.name, prompt=PROMPT,
                                                   max_tokens=4)
