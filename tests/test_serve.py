@@ -185,6 +185,19 @@ def long_llm():
     return tk.load("tiny-code", compile=False, progress=False)
 
 
+def test_a_failure_inside_is_a_500_in_the_api_shape(server, llm, monkeypatch):
+    def broken(**fields):
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(llm.completions, "create", broken)
+    for stream in (False, True):
+        resp = post(server, {"prompt": "x", "stream": stream})
+        assert resp.status_code == 500
+        assert resp.json()["error"]["message"] == "internal error: the engine broke"
+    monkeypatch.undo()
+    assert post(server, {"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
 def test_limits_answer_with_clear_errors(long_llm):
     llm = long_llm
     limits = Limits(max_body_bytes=2000, max_n=2, max_prompts=2, max_concurrent=1)

@@ -121,6 +121,9 @@ class _API:
                 return await handler(request)
             except APIError as err:
                 return JSONResponse(err.body, status_code=err.status_code)
+            except Exception as err:           # a bug: logged, and said in the API's shape
+                logger.exception("a request failed")
+                return JSONResponse(APIError(f"internal error: {err}").body, status_code=500)
         return endpoint
 
     async def models(self, request: Request) -> Response:
@@ -192,7 +195,7 @@ class _API:
         perf = resp.perf_metrics or {}
         body = _json(resp, details, keep_perf=bool(fields.get("perf_metrics_in_response")))
         return Response(body, media_type="application/json",
-                        headers={f"fireworks-{k}": str(v) for k, v in perf.items()})
+                        headers={f"fireworks-{k}": _header(v) for k, v in perf.items()})
 
     async def _in_thread(self, call: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)
@@ -217,6 +220,11 @@ class _API:
         is cancelled (if still running) and uncounted."""
         chunks.close()
         self.active -= 1
+
+
+def _header(value: Any) -> str:
+    """A header value: HTTP headers are Latin-1, and names (aliases) may not be."""
+    return str(value).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _json(resp: Any, details: bool, keep_perf: bool = True) -> str:
