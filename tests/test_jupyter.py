@@ -99,7 +99,7 @@ def test_explorer_resamples_on_change(llm):
     ex.knobs["temperature"].value = 0.0
     greedy = ex.completions.value
     assert greedy != first
-    lines = greedy.split("<br>")
+    lines = [line.split("</div>")[0] for line in greedy.split("<div><b>")[1:]]
     assert lines[0].split(" ", 1)[1] == lines[1].split(" ", 1)[1]   # greedy choices agree
     before = ex.distribution.value
     ex.position.value = 3
@@ -110,6 +110,37 @@ def test_explorer_resamples_on_change(llm):
     assert "<table" in ex.table.value
     ex.knobs["mirostat_target"].value = 3.0            # Mirostat switches on
     assert ex.request()["mirostat_target"] == 3.0 and ex.error.value == ""
+
+
+def test_key_presses_resample_once_when_they_stop(llm):
+    """In a kernel, widget changes arrive on its event loop; ten quick changes (arrow-key
+    presses) make one request, after they settle."""
+    import asyncio
+
+    async def presses():
+        ex = tk.widgets.explore(llm, PROMPT, n=1, max_tokens=4)
+        before = len(llm.request_log)
+        for k in range(10):
+            ex.knobs["temperature"].value = 0.5 + 0.05 * k
+            await asyncio.sleep(0.02)
+        assert len(llm.request_log) == before              # nothing yet: still settling
+        await asyncio.sleep(tk.widgets.SETTLE_S + 0.3)
+        assert len(llm.request_log) == before + 1
+        assert ex.response.model_dump()["choices"] and ex.request()["temperature"] == 0.95
+
+    asyncio.run(presses())
+
+
+def test_figures_show_at_their_own_size(llm):
+    ex = tk.widgets.explore(llm, PROMPT, max_tokens=4)
+    data = ex.distribution.value
+    assert ex.distribution.layout.width == f"{int.from_bytes(data[16:20], 'big') // 2}px"
+    sweeper = tk.widgets.sweep_explorer(llm, PROMPT, n=2, max_tokens=4)
+    assert sweeper.plot.layout.display == "none"           # no broken image before a run
+    sweeper.update()
+    assert sweeper.plot.layout.display == "" and sweeper.plot.value[:4] == b"\x89PNG"
+    labels = [w for w in ex.knobs.values()]
+    assert all(w.style.description_width == "130px" and w.tooltip for w in labels)
 
 
 def test_explorer_shows_request_errors(llm):

@@ -1,7 +1,8 @@
 """Interactive explorers for notebooks, built on completions, frames and plots.
 
-`explore(llm, prompt)` puts a slider on every sampling knob and re-samples when one is let
-go (`continuous_update=False`: one request per change, not one per pixel of drag). It shows
+`explore(llm, prompt)` puts a slider on every sampling knob and re-samples once the controls
+settle: a drag re-samples when let go (`continuous_update=False`), and a run of arrow-key
+presses once the presses stop (`SETTLE_S`), not once per press. It shows
 the completions with each token coloured by its logprob (hover for the alternatives), the
 next-token distribution at a chosen position, and the tokens frame. `sweep_explorer` runs a
 `sweep` over two knobs and plots it. Both render through plain widget values (HTML text,
@@ -9,9 +10,10 @@ PNG bytes), so their logic runs and is tested without a browser.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import io
-from typing import Any
+from typing import Any, Optional
 
 import ipywidgets as W
 import numpy as np
@@ -19,7 +21,11 @@ from matplotlib.figure import Figure
 
 from . import frames, plots
 from .engine.sampler import default
+from .schema import CompletionRequest
 from .sweep import sweep
+
+SETTLE_S = 0.4        # changes closer together than this (key presses) re-sample once
+LABELS = {"description_width": "130px"}   # room for "repetition_penalty", not "repetit…"
 
 # knob -> (widget class, min, max, step); each starts at its neutral value (`default`),
 # except Mirostat's target, which has none (unset means off): its slider at 0 means off.
@@ -43,9 +49,21 @@ def _start(knob: str) -> float:
 
 
 def png(fig: Figure) -> bytes:
+    """The figure as PNG at twice its on-screen resolution (crisp on high-density screens;
+    `show` displays it at its true size)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=160, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def show(image: W.Image, fig: Figure) -> None:
+    """Put a figure in an image widget at its own size: an image widget is otherwise
+    stretched to the output's width, enlarged and blurred."""
+    data = png(fig)
+    width = int.from_bytes(data[16:20], "big")      # the PNG header's width, in pixels
+    image.value = data
+    image.layout.width = f"{width // 2}px"
+    image.layout.display = ""
 
 
 def token_html(tok: Any, top: Any, choice: int) -> str:
@@ -71,20 +89,27 @@ class Explorer:
         self.llm = llm
         self.prompt = W.Textarea(value=prompt, description="prompt", continuous_update=False)
         self.knobs = {name: cls(value=_start(name), min=lo, max=hi, step=step,
-                                description=name, continuous_update=False)
+                                description=name, continuous_update=False, style=LABELS,
+                                tooltip=CompletionRequest.model_fields[name].description)
                       for name, (cls, lo, hi, step) in KNOBS.items()}
-        self.seed = W.IntText(value=seed, description="seed")
-        self.n = W.IntSlider(value=n, min=1, max=16, description="n", continuous_update=False)
-        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=256,
-                                      description="max_tokens", continuous_update=False)
-        self.position = W.IntSlider(value=0, min=0, max=max_tokens - 1,
-                                    description="position", continuous_update=False)
+        self.seed = W.IntText(value=seed, description="seed", style=LABELS,
+                              tooltip="the sampling seed: the same seed, the same samples")
+        self.n = W.IntSlider(value=n, min=1, max=16, description="n", style=LABELS,
+                             continuous_update=False, tooltip="completions to sample")
+        self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=256, style=LABELS,
+                                      description="max_tokens", continuous_update=False,
+                                      tooltip="tokens to generate per completion")
+        self.position = W.IntSlider(value=0, min=0, max=max_tokens - 1, style=LABELS,
+                                    description="position", continuous_update=False,
+                                    tooltip="the position whose next-token distribution "
+                                            "the chart shows (choice 0)")
         self.completions = W.HTML()
-        self.distribution = W.Image(format="png")
+        self.distribution = W.Image(format="png", layout=W.Layout(display="none"))
         self.table = W.HTML()
         self.error = W.HTML()
+        self._pending: Optional[asyncio.TimerHandle] = None
         for control in [self.prompt, self.seed, self.n, self.max_tokens, *self.knobs.values()]:
-            control.observe(lambda _: self.update(), names="value")
+            control.observe(self._changed, names="value")
         self.position.observe(lambda _: self.show_distribution(), names="value")
         self.ui = W.VBox([self.prompt, W.HBox([
             W.VBox(list(self.knobs.values())),
@@ -101,7 +126,21 @@ class Explorer:
                     max_tokens=self.max_tokens.value, logprobs=True, top_logprobs=5,
                     **fields)
 
+    def _changed(self, change: Any = None) -> None:
+        """Re-sample once the controls settle. In a kernel, widget changes arrive on its
+        event loop: each one (an arrow-key press commits a value) restarts a short timer,
+        and the request runs when it fires. Without a running loop, at once."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.update()
+            return
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pending = loop.call_later(SETTLE_S, self.update)
+
     def update(self) -> None:
+        self._pending = None
         try:
             self.response = self.llm.completions.create(**self.request())
         except ValueError as exc:              # InvalidRequestError: show it, keep going
@@ -109,9 +148,9 @@ class Explorer:
             return
         self.error.value = ""
         tok, top = frames.tokens(self.response), frames.top_logprobs(self.response)
-        self.completions.value = "<br>".join(
-            f"<b>{c.index}</b> {token_html(tok, top, c.index)}"
-            for c in self.response.choices)
+        self.completions.value = '<div style="line-height:1.45">' + "".join(
+            f"<div><b>{c.index}</b> {token_html(tok, top, c.index)}</div>"
+            for c in self.response.choices) + "</div>"
         self.table.value = tok.to_html(max_rows=40, float_format="%.3f")
         self.position.max = max(0, int(tok[tok.choice == 0].position.max()
                                        - tok[tok.choice == 0].position.min())) \
@@ -131,7 +170,7 @@ class Explorer:
         ax.barh([repr(t) for t in rows.token][::-1], np.exp(rows.logprob.to_numpy())[::-1])
         ax.set_xlabel("probability (raw model distribution)")
         ax.set_title(f"next token at position {position}")
-        self.distribution.value = png(fig)
+        show(self.distribution, fig)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.ui._repr_mimebundle_(**kwargs)
@@ -148,18 +187,25 @@ class SweepExplorer:
     def __init__(self, llm: Any, prompt: str, n: int = 8, max_tokens: int = 24) -> None:
         self.llm, self.prompt = llm, prompt
         names = list(KNOBS)
-        self.x = W.Dropdown(options=names, value="temperature", description="x")
-        self.y = W.Dropdown(options=names, value="top_p", description="y")
-        self.x_values = W.Text(value="0.2, 0.7, 1.2", description="x values")
-        self.y_values = W.Text(value="0.5, 0.9, 1.0", description="y values")
+        self.x = W.Dropdown(options=names, value="temperature", description="x",
+                            tooltip="the knob along the x axis")
+        self.y = W.Dropdown(options=names, value="top_p", description="y",
+                            tooltip="the knob along the y axis")
+        self.x_values = W.Text(value="0.2, 0.7, 1.2", description="x values",
+                               tooltip="values of x, separated by commas")
+        self.y_values = W.Text(value="0.5, 0.9, 1.0", description="y values",
+                               tooltip="values of y, separated by commas")
         self.metric = W.Dropdown(options=["distinct", "perplexity", "tokens", "sum_logprob"],
-                                 value="distinct", description="metric")
-        self.n = W.IntSlider(value=n, min=1, max=32, description="n")
+                                 value="distinct", description="metric",
+                                 tooltip="what each cell of the grid shows")
+        self.n = W.IntSlider(value=n, min=1, max=32, description="n",
+                             tooltip="completions per setting")
         self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=128,
-                                      description="max_tokens")
-        self.run = W.Button(description="run sweep")
+                                      description="max_tokens", style=LABELS,
+                                      tooltip="tokens to generate per completion")
+        self.run = W.Button(description="run sweep", tooltip="run the sweep and plot it")
         self.run.on_click(lambda _: self.update())
-        self.plot = W.Image(format="png")
+        self.plot = W.Image(format="png", layout=W.Layout(display="none"))  # until a run
         self.error = W.HTML()
         self.ui = W.VBox([W.HBox([self.x, self.x_values]), W.HBox([self.y, self.y_values]),
                           W.HBox([self.metric, self.n, self.max_tokens]), self.run,
@@ -176,8 +222,8 @@ class SweepExplorer:
             self.error.value = f"<b style='color:#b00'>{html.escape(str(exc))}</b>"
             return
         self.error.value = ""
-        self.plot.value = png(plots.sweep_grid(self.frame, self.x.value, self.y.value,
-                                               self.metric.value))
+        show(self.plot, plots.sweep_grid(self.frame, self.x.value, self.y.value,
+                                         self.metric.value))
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.ui._repr_mimebundle_(**kwargs)
