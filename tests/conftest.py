@@ -13,6 +13,20 @@ import pytest
 SPECIALS = ["<|endoftext|>", "<think>", "</think>"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--browser", action="store_true",
+                     help="also run the browser tests (JupyterLab in headless Chromium)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--browser"):
+        return
+    skip = pytest.mark.skip(reason="a browser test: opt in with --browser")
+    for item in items:
+        if "browser" in item.keywords:
+            item.add_marker(skip)
+
+
 def _train_tokenizer(vocab_size: int = 300, specials: list[str] = SPECIALS):
     """A byte-level BPE shaped like the zoo's: BOS added, <think> tokens special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

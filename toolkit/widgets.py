@@ -26,6 +26,7 @@ from .sweep import sweep
 
 SETTLE_S = 0.4        # changes closer together than this (key presses) re-sample once
 LABELS = {"description_width": "130px"}   # room for "repetition_penalty", not "repetit…"
+WIDE = {"width": "420px"}                  # and a slider track of a usable length
 
 # knob -> (widget class, min, max, step); each starts at its neutral value (`default`),
 # except Mirostat's target, which has none (unset means off): its slider at 0 means off.
@@ -90,17 +91,21 @@ class Explorer:
         self.prompt = W.Textarea(value=prompt, description="prompt", continuous_update=False)
         self.knobs = {name: cls(value=_start(name), min=lo, max=hi, step=step,
                                 description=name, continuous_update=False, style=LABELS,
+                                layout=WIDE,
                                 tooltip=CompletionRequest.model_fields[name].description)
                       for name, (cls, lo, hi, step) in KNOBS.items()}
         self.seed = W.IntText(value=seed, description="seed", style=LABELS,
                               tooltip="the sampling seed: the same seed, the same samples")
         self.n = W.IntSlider(value=n, min=1, max=16, description="n", style=LABELS,
-                             continuous_update=False, tooltip="completions to sample")
+                             layout=WIDE, continuous_update=False,
+                             tooltip="completions to sample")
         self.max_tokens = W.IntSlider(value=max_tokens, min=1, max=256, style=LABELS,
-                                      description="max_tokens", continuous_update=False,
+                                      layout=WIDE, description="max_tokens",
+                                      continuous_update=False,
                                       tooltip="tokens to generate per completion")
         self.position = W.IntSlider(value=0, min=0, max=max_tokens - 1, style=LABELS,
-                                    description="position", continuous_update=False,
+                                    layout=WIDE, description="position",
+                                    continuous_update=False,
                                     tooltip="the position whose next-token distribution "
                                             "the chart shows (choice 0)")
         self.completions = W.HTML()
@@ -151,7 +156,9 @@ class Explorer:
         self.completions.value = '<div style="line-height:1.45">' + "".join(
             f"<div><b>{c.index}</b> {token_html(tok, top, c.index)}</div>"
             for c in self.response.choices) + "</div>"
-        self.table.value = tok.to_html(max_rows=40, float_format="%.3f")
+        # in a box of its own height, so that a long frame does not push the rest away
+        self.table.value = ('<div style="max-height:22em;overflow:auto">'
+                            + tok.to_html(max_rows=200, float_format="%.3f") + "</div>")
         self.position.max = max(0, int(tok[tok.choice == 0].position.max()
                                        - tok[tok.choice == 0].position.min())) \
             if len(tok) else 0
