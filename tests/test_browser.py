@@ -157,9 +157,10 @@ class Page:
 
 
 def _request_count(nb: Page) -> int:
-    before = nb.output(2).all_inner_texts()
+    """The requests the kernel's engine has served so far (from a cell that prints it)."""
     nb.run(2)
-    nb.wait_for(lambda: nb.output(2).count() and nb.output(2).all_inner_texts() != before,
+    prompt = nb.page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".jp-InputPrompt")
+    nb.wait_for(lambda: re.search(r"\[\d+\]", prompt.inner_text()) and nb.output(2).count(),
                 what="the request count")
     return int(nb.output(2).inner_text().split()[-1])
 
@@ -182,7 +183,8 @@ def test_widgets_render_and_respond(browser, lab, screenshots):
     assert abs(width - natural / 2) <= 1                     # its own size, not stretched
     explorer.screenshot(path=screenshots / "explorer.png")
 
-    # a drag re-samples: new completions; the position slider moves the chart along them
+    # a drag re-samples once: new completions; the position slider moves the chart
+    requests = _request_count(nb)
     text, image = completions.inner_text(), chart.get_attribute("src")
     handle = explorer.locator(".widget-hslider", has_text="temperature").locator(
         ".noUi-handle")
@@ -192,6 +194,7 @@ def test_widgets_render_and_respond(browser, lab, screenshots):
     nb.page.mouse.move(box["x"] - 40, box["y"] + box["height"] / 2, steps=8)
     nb.page.mouse.up()
     nb.wait_for(lambda: completions.inner_text() != text, what="new completions")
+    assert _request_count(nb) == requests + 1
     explorer.locator(".widget-hslider", has_text="position").locator(".noUi-handle").focus()
     nb.page.keyboard.press("ArrowRight")
     nb.wait_for(lambda: chart.get_attribute("src") != image, what="a new chart")
