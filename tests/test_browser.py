@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.browser
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+REPO = Path(__file__).parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TOKEN = "browser-test-token"
 PROMPT = "def mean(values):\\n    "
 WIDGETS = [
@@ -62,9 +63,9 @@ def lab(tmp_path_factory):
     """JupyterLab serving a folder with the tutorials and a widgets notebook; its base URL."""
     import nbformat
 
-    root = tmp_path_factory.mktemp("lab")
-    for notebook in NOTEBOOKS:
-        shutil.copy(notebook, root)
+    root = tmp_path_factory.mktemp("lab")           # the repository's layout: the tutorials
+    shutil.copytree(NOTEBOOKS[0].parent, root / "notebooks")    # show docs/screenshots
+    shutil.copytree(REPO / "docs", root / "docs")
     widgets = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in WIDGETS])
     widgets.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                       "language": "python"}
@@ -150,7 +151,7 @@ class Page:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                shot = self.shots / f"failed-{Path(self.name).stem}.png"
+                shot = self.shots / f"failed-{Path(self.name).stem}.png"   # to see why
                 self.page.screenshot(path=shot)
                 pytest.fail(f"timed out waiting for {what} (the page: {shot})")
             self.page.wait_for_timeout(100)
@@ -221,7 +222,7 @@ def test_widgets_render_and_respond(browser, lab, screenshots):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
 def test_tutorials_render_without_errors(browser, lab, screenshots, notebook):
-    nb = Page(browser, lab, notebook.name, screenshots, width=1100)
+    nb = Page(browser, lab, f"notebooks/{notebook.name}", screenshots, width=1100)
     figure = nb.page.locator(".jp-RenderedImage img").first
     nb.wait_for(lambda: figure.count() and figure.evaluate("e => e.complete"),
                 what="a figure")
