@@ -6,6 +6,7 @@ same engine can be rebuilt elsewhere (another process, another GPU) from a pickl
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -15,8 +16,8 @@ from .completions import Completions
 from .engine.engine import Engine
 from .engine.speculation import MAX_SPECULATIVE_TOKENS
 from .errors import InvalidRequestError, NotFoundError
-from .models import (DEFAULT_MODEL, LoadedModel, ModelInfo, load_pretrained, resolve_device,
-                     resolve_dtype)
+from .models import (DEFAULT_MODEL, LoadedModel, ModelInfo, input_device, load_pretrained,
+                     placements, resolve_device, resolve_dtype)
 from .request_log import RequestLog
 
 
@@ -85,6 +86,9 @@ class LLM:
             draft = ", ngram speculation"
         step = self.engine.runner.step
         compiled = f", decode step {step.state}" if step is not None else ""
+        split = placements(self.model)
+        if split:
+            compiled += f", split over {'+'.join(split)} (HF forward)"
         return (f"LLM({info.name!r}, {info.architecture}, {info.num_parameters / 1e6:.1f}M "
                 f"params, context={info.context_length}{moe}{draft}, device={self.device}, "
                 f"dtype={str(self.dtype).removeprefix('torch.')}{compiled})")
@@ -97,7 +101,9 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
          aliases: Sequence[str] = (), prefix_cache_bytes: int = 256 * 2**20,
          lean_forward: bool = True, compile: Optional[bool] = None,
          progress: bool = True, ngram_speculation: bool = False,
-         num_speculative_tokens: Optional[int] = None) -> LLM:
+         num_speculative_tokens: Optional[int] = None,
+         device_map: Union[str, dict[str, Any], None] = None,
+         max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None) -> LLM:
     """Load a model by embedded name, local folder or hub id.
 
     `device=None` picks CUDA when present, else CPU; `dtype=None` picks bfloat16 on a GPU,
@@ -113,7 +119,11 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     `None` compiles it on a CPU (once per model shape and machine, about 25 s in a child
     process, then kept on disk; decoding then runs several times faster), `False` keeps
     everything eager; its state shows in the `LLM`'s repr and is logged (logger
-    "toolkit"). `progress` shows a
+    "toolkit"). `device_map` ("auto", or a dict of module name to device) spreads a model
+    too large for one device over several through accelerate (install `accelerate`):
+    `max_memory` ({0: "20GiB", "cpu": "60GiB"}) caps each, and what does not fit is
+    offloaded to disk; the engine then runs the HF forward, whose hooks move weights and
+    activations (the repr says where the model lies), and `device` is ignored. `progress` shows a
     bar (tokens, tokens/s) for whole requests that run longer than 2 s (`llm.progress`
     switches it later); a stream shows its own progress.
     """
@@ -122,7 +132,8 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
             "aliases": list(aliases), "prefix_cache_bytes": prefix_cache_bytes,
             "lean_forward": lean_forward, "compile": compile, "progress": progress,
             "ngram_speculation": ngram_speculation,
-            "num_speculative_tokens": num_speculative_tokens}
+            "num_speculative_tokens": num_speculative_tokens, "device_map": device_map,
+            "max_memory": max_memory}
     if isinstance(aliases, str):
         raise InvalidRequestError("aliases must be a list of names, not a string", "aliases")
     if num_speculative_tokens is not None and (
@@ -134,9 +145,13 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, *,
     if draft_model is not None and ngram_speculation:
         raise InvalidRequestError("speculate with a draft_model or with ngram_speculation, "
                                   "not both", "ngram_speculation")
-    dev = resolve_device(device)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise InvalidRequestError("device_map places a model through accelerate: pip install "
+                                  "'toolkit[scale]'", "device_map")
+    dev = resolve_device(None if device_map is not None else device)
     dt = resolve_dtype(dtype, dev)
-    target = load_pretrained(name_or_path, dev, dt)
+    target = load_pretrained(name_or_path, dev, dt, device_map, max_memory)
+    dev = input_device(target.model)
     draft = None
     if draft_model is not None:
         draft = load_pretrained(draft_model, dev, dt)

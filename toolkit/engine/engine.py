@@ -37,7 +37,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from ..models import ModelInfo
+from ..models import ModelInfo, input_device
 from .decode import Decoder
 from .grammar import Grammars
 from .outputs import Update
@@ -99,7 +99,7 @@ class Engine:
         self.runner = make_runner(model, info, lean_forward, compile)
         self.draft = None if draft is None else make_runner(*draft, lean_forward, compile)
         self.pieces = token_bytes_table(tokenizer)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.grammars = Grammars(tokenizer, info.vocab_size)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,

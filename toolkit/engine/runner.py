@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..models import ModelInfo
+from ..models import ModelInfo, input_device, placements
 from . import lean
 from .compiled import CompiledStep
 from .graphs import GraphStep
@@ -197,7 +197,7 @@ class HFRunner:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.info = info
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         # transformers renamed `past_key_values` to `cache` during 5.x; speak either.
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -230,11 +230,14 @@ class HFRunner:
         finally:
             for hook in hooks:
                 hook.remove()
-        hidden = out.last_hidden_state[0]
-        layers = torch.stack([tapped[i][0] for i in taps], 1) if taps else None
+        # (on a split model, outputs come from wherever their layers ran)
+        hidden = out.last_hidden_state[0].to(self.device)
+        layers = torch.stack([tapped[i][0].to(self.device) for i in taps], 1) if taps \
+            else None
         if not self.info.is_moe:
             return Forward(hidden, layers=layers)
-        probs = torch.stack([r[-len(ids):].float() for r in out.router_logits], 1).softmax(-1)
+        probs = torch.stack([r[-len(ids):].float().to(self.device) for r in out.router_logits],
+                            1).softmax(-1)
         weights, experts = probs.topk(self.info.experts_per_token, dim=-1)
         if getattr(self.model.config, "norm_topk_prob", True):
             weights = weights / weights.sum(-1, keepdim=True)
@@ -277,7 +280,7 @@ class HFRunner:
         return self.logits(norm(streams.to(self.device, self.head.weight.dtype)))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden).float()
+        logits = self.head(hidden).float().to(self.device)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -303,11 +306,12 @@ def _forward(out: tuple, pick: Any) -> Forward:
 
 def make_runner(model: Any, info: ModelInfo, lean_forward: bool = True,
                 compile: Optional[bool] = None) -> Runner:
-    """The lean runner where the architecture allows, else the HF forward. `compile=None`
+    """The lean runner where the architecture allows, else the HF forward (also for a model
+    split across devices: accelerate's hooks move its weights and activations). `compile=None`
     compiles the decode step where we know how: on a GPU into CUDA graphs, on a CPU-only
     machine into a package. (Not for a CPU model on a machine with CUDA: loading a CPU
     package in a process using CUDA segfaulted in torch 2.11+cu130.)"""
-    if lean_forward and lean.supports(model):
+    if lean_forward and lean.supports(model) and not placements(model):
         if compile is None:
             device = next(model.parameters()).device.type
             compile = device == "cuda" or (device == "cpu" and not torch.cuda.is_available())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -114,10 +115,31 @@ class LoadedModel:
     processor: Any = None   # a vision-language model's processor (images and text)
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embedding's device, or for a model split
+    across devices by accelerate (`device_map`), the device that layer executes on
+    (its weights may be offloaded to the CPU or disk in between)."""
+    embed = model.get_input_embeddings()
+    executes = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if executes is None:
+        return embed.weight.device
+    return torch.device(f"cuda:{executes}" if isinstance(executes, int) else executes)
+
+
+def placements(model: Any) -> list[str]:
+    """The distinct places accelerate put a split model's modules (`cpu`, `disk`, CUDA
+    devices as `cuda:N`); empty for a model on one device."""
+    found = dict.fromkeys(f"cuda:{d}" if isinstance(d, int) else str(d)
+                          for d in (getattr(model, "hf_device_map", None) or {}).values())
+    return list(found) if len(found) > 1 or set(found) & {"disk", "meta"} else []
+
+
 def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
-                    dtype: torch.dtype) -> LoadedModel:
-    """Load a model and its tokenizer onto `device` in `dtype`; a vision-language model
-    (its config has a `vision_config`) with its processor."""
+                    dtype: torch.dtype, device_map: Union[str, dict, None] = None,
+                    max_memory: Optional[dict] = None) -> LoadedModel:
+    """Load a model and its tokenizer onto `device` in `dtype` (or with a `device_map`,
+    spread by accelerate within `max_memory`, what does not fit offloaded to disk); a
+    vision-language model (its config has a `vision_config`) with its processor."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
     from transformers.utils import logging as hf_logging
@@ -130,15 +152,19 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
             return loader.from_pretrained(location, **kwargs)
         return _from_hub(loader, location, **kwargs)
 
+    placing: dict[str, Any] = {}
+    if device_map is not None:
+        placing = dict(device_map=device_map, max_memory=max_memory,
+                       offload_folder=tempfile.mkdtemp(prefix="toolkit-offload-"))
     processor = None
     if getattr(fetch(AutoConfig), "vision_config", None) is not None:
         processor = fetch(AutoProcessor)
         tokenizer = processor.tokenizer
-        model = fetch(AutoModelForImageTextToText, dtype=dtype)
+        model = fetch(AutoModelForImageTextToText, dtype=dtype, **placing)
     else:
         tokenizer = fetch(AutoTokenizer)
-        model = fetch(AutoModelForCausalLM, dtype=dtype)
-    model = model.to(device).eval()
+        model = fetch(AutoModelForCausalLM, dtype=dtype, **placing)
+    model = (model if device_map is not None else model.to(device)).eval()
     info = describe(model, tokenizer, os.fspath(name_or_path), source, location, processor)
     return LoadedModel(model, tokenizer, info, processor)
 
