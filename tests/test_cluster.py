@@ -1,0 +1,71 @@
+"""Sweeps on a local Ray cluster (two CPU workers, started here): the same frame as the local
+sweep, also when a worker dies mid-sweep."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+import toolkit as tk
+from toolkit.cluster import RayExecutor, SweepError
+
+ray = pytest.importorskip("ray")
+PROMPT = "def parse(text):\n    "
+GRID = dict(temperature=[0.5, 1.0, 1.5], top_p=[0.8, 1.0])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eager(llama_dir):
+    # the workers rebuild it from its spec: eager on both sides, so that no number depends
+    # on whether a compiled step was ready
+    return tk.load(llama_dir, dtype="float32", compile=False, progress=False)
+
+
+def _sweep(llm, **kwargs):
+    return tk.sweep(llm, PROMPT, n=3, max_tokens=8, seed=2, batch=1, progress=False,
+                    **GRID, **kwargs)
+
+
+def test_a_ray_sweep_equals_the_local_one(cluster, eager):
+    executor = RayExecutor(workers=2)
+    remote = _sweep(eager, executor=executor)
+    assert len(executor.actors) == 2 and executor.completed == 6
+    pd.testing.assert_frame_equal(remote, _sweep(eager))
+
+
+def test_a_worker_killed_mid_sweep_is_replaced(cluster, eager):
+    executor = RayExecutor(workers=2)
+    killed_at = []
+
+    def kill_one():
+        deadline = time.monotonic() + 120
+        while executor.completed < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_at.append(executor.completed)
+        ray.kill(executor.actors[0], no_restart=False)       # Ray restarts it
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    remote = _sweep(eager, executor=executor)
+    killer.join()
+    assert killed_at and killed_at[0] < 6                   # it died with work left
+    pd.testing.assert_frame_equal(remote, _sweep(eager))
+
+
+def test_a_task_failing_for_good_keeps_the_finished_rows(cluster, eager):
+    bad = tk.sweep(eager, PROMPT, n=2, max_tokens=4, batch=1, progress=False,
+                   temperature=[0.5, 1.0])                    # the reference rows
+    with pytest.raises(SweepError) as err:
+        tk.sweep(eager, PROMPT, n=2, max_tokens=4, batch=1, progress=False,
+                 temperature=[0.5, 1.0, 3.0], executor=RayExecutor(workers=1))
+    assert "temperature" in str(err.value)
+    pd.testing.assert_frame_equal(err.value.partial, bad)

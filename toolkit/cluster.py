@@ -1,0 +1,106 @@
+"""Sweeps on a Ray cluster: one engine actor per GPU (or per CPU worker), the grid as tasks.
+
+`toolkit.sweep(llm, ..., executor="ray")` (or `executor=RayExecutor(workers=4)`) runs the
+sweep's batches of settings on engine actors instead of `llm` itself. Each actor loads the
+model from `llm.spec`, the small picklable description `toolkit.load` keeps, so the same
+engine is rebuilt in every worker process. A batch holds settings that differ only in
+sampling knobs, which share one decode loop there as they do locally, and the engine's
+results never depend on how requests are batched: the frame equals the local sweep's, row
+for row, in the same order.
+
+Ray does the fault tolerance (no scheduler of ours): an actor whose process dies is
+restarted, model and all, and its unfinished tasks are retried on it (`max_restarts`,
+`max_task_retries`). A task that still fails raises `SweepError`, which carries the rows
+already gathered: partial results are never silently dropped. Ray is an optional extra
+(`pip install 'toolkit[scale]'`); `ray.init()` is called for you if no cluster is
+connected (a local one on this machine).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import pandas as pd
+
+RETRIES = 3          # restarts of a dead actor, and retries of a task, before giving up
+
+
+class SweepError(RuntimeError):
+    """A sweep task failed for good; `partial` holds the rows of the tasks that finished."""
+
+    def __init__(self, message: str, partial: pd.DataFrame) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class EngineActor:
+    """An engine in a Ray worker process, built from an `LLM.spec`."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import toolkit
+
+        self.llm = toolkit.load(**{**spec, "progress": False})
+
+    def run(self, task: Callable[[Any], pd.DataFrame]) -> pd.DataFrame:
+        return task(self.llm)
+
+
+class RayExecutor:
+    """Runs a sweep's tasks on `workers` engine actors (default: one per GPU of the
+    cluster, else one per CPU), each with `gpus` GPUs and `cpus` CPUs."""
+
+    def __init__(self, workers: Optional[int] = None, cpus: float = 1, gpus: float = 0) -> None:
+        self.workers, self.cpus, self.gpus = workers, cpus, gpus
+        self.actors: list[Any] = []
+        self.completed = 0               # tasks finished so far (for progress and tests)
+
+    def map(self, llm: Any, tasks: Sequence[Callable[[Any], pd.DataFrame]]
+            ) -> Iterator[tuple[int, pd.DataFrame]]:
+        """(index, frame) of each task as it finishes. Closing the iterator (or an
+        interrupt) cancels what is left and stops the actors."""
+        ray = _ray()
+        resources = ray.cluster_resources()
+        gpus = self.gpus or (1 if resources.get("GPU") and llm.device.type == "cuda" else 0)
+        count = self.workers or int(resources.get("GPU", 0) if gpus
+                                    else resources.get("CPU", 1) // self.cpus)
+        actor = ray.remote(EngineActor).options(
+            num_cpus=self.cpus, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES)
+        self.actors = [actor.remote(llm.spec) for _ in range(max(1, min(count, len(tasks))))]
+        self.completed = 0
+        queue, pending, finished = list(enumerate(tasks)), {}, []
+        try:
+            for worker in self.actors:                   # one task per actor at a time
+                if queue:
+                    k, task = queue.pop(0)
+                    pending[worker.run.remote(task)] = (k, worker)
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                k, worker = pending.pop(done[0])
+                try:
+                    frame = ray.get(done[0])
+                except ray.exceptions.RayError as err:
+                    raise SweepError(f"a sweep task failed after {RETRIES} retries ({err}); "
+                                     f"{len(finished)} of {len(tasks)} tasks finished: their "
+                                     f"rows are in this error's .partial",
+                                     pd.concat(finished, ignore_index=True) if finished
+                                     else pd.DataFrame()) from err
+                self.completed += 1
+                finished.append(frame)
+                yield k, frame
+                if queue:
+                    k, task = queue.pop(0)
+                    pending[worker.run.remote(task)] = (k, worker)
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            for worker in self.actors:
+                ray.kill(worker, no_restart=True)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("executor='ray' needs Ray: pip install 'toolkit[scale]'") from err
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    return ray
