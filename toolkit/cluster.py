@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pandas as pd
+import torch
 
 RETRIES = 3          # restarts of a dead actor, and retries of a task, before giving up
 
@@ -35,9 +36,12 @@ class SweepError(RuntimeError):
 class EngineActor:
     """An engine in a Ray worker process, built from an `LLM.spec`."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], threads: int) -> None:
+        import torch
+
         import toolkit
 
+        torch.set_num_threads(threads)
         self.llm = toolkit.load(**{**spec, "progress": False})
 
     def run(self, task: Callable[[Any], pd.DataFrame]) -> pd.DataFrame:
@@ -46,10 +50,14 @@ class EngineActor:
 
 class RayExecutor:
     """Runs a sweep's tasks on `workers` engine actors (default: one per GPU of the
-    cluster, else one per CPU), each with `gpus` GPUs and `cpus` CPUs."""
+    cluster, else one per CPU), each with `gpus` GPUs and `cpus` CPUs, and torch using
+    `threads` threads (default: as many as here: a CPU matrix product sums in an order
+    that depends on the thread count, so only then are CPU numbers bit-identical to a
+    local sweep's)."""
 
-    def __init__(self, workers: Optional[int] = None, cpus: float = 1, gpus: float = 0) -> None:
-        self.workers, self.cpus, self.gpus = workers, cpus, gpus
+    def __init__(self, workers: Optional[int] = None, cpus: float = 1, gpus: float = 0,
+                 threads: Optional[int] = None) -> None:
+        self.workers, self.cpus, self.gpus, self.threads = workers, cpus, gpus, threads
         self.actors: list[Any] = []
         self.completed = 0               # tasks finished so far (for progress and tests)
 
@@ -64,7 +72,9 @@ class RayExecutor:
                                     else resources.get("CPU", 1) // self.cpus)
         actor = ray.remote(EngineActor).options(
             num_cpus=self.cpus, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES)
-        self.actors = [actor.remote(llm.spec) for _ in range(max(1, min(count, len(tasks))))]
+        threads = self.threads or torch.get_num_threads()
+        self.actors = [actor.remote(llm.spec, threads)
+                       for _ in range(max(1, min(count, len(tasks))))]
         self.completed = 0
         queue, pending, finished = list(enumerate(tasks)), {}, []
         try:

@@ -8,6 +8,7 @@ names differ between architectures.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tempfile
@@ -156,6 +157,8 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], device: torch.device,
     if device_map is not None:
         placing = dict(device_map=device_map, max_memory=max_memory,
                        offload_folder=tempfile.mkdtemp(prefix="toolkit-offload-"))
+        # its note that offloaded weights sit on the meta device: the LLM's repr says where
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     processor = None
     if getattr(fetch(AutoConfig), "vision_config", None) is not None:
         processor = fetch(AutoProcessor)
