@@ -37,9 +37,18 @@ def _sweep(llm, **kwargs):
 
 def test_a_ray_sweep_equals_the_local_one(cluster, eager):
     executor = RayExecutor(workers=2)
-    remote = _sweep(eager, executor=executor)
-    assert len(executor.actors) == 2 and executor.completed == 6
-    pd.testing.assert_frame_equal(remote, _sweep(eager))
+    try:
+        remote = _sweep(eager, executor=executor)
+        assert len(executor.actors) == 2 and executor.completed == 6
+        actors = list(executor.actors)
+        again = _sweep(eager, executor=executor)          # the same engines, still up
+        assert executor.actors == actors
+    finally:
+        executor.close()
+    local = _sweep(eager)
+    pd.testing.assert_frame_equal(remote, local)
+    pd.testing.assert_frame_equal(again, local)
+    pd.testing.assert_frame_equal(_sweep(eager, executor="ray"), local)   # made and stopped
 
 
 def test_a_worker_killed_mid_sweep_is_replaced(cluster, eager):
@@ -55,8 +64,11 @@ def test_a_worker_killed_mid_sweep_is_replaced(cluster, eager):
 
     killer = threading.Thread(target=kill_one)
     killer.start()
-    remote = _sweep(eager, executor=executor)
-    killer.join()
+    try:
+        remote = _sweep(eager, executor=executor)
+    finally:
+        killer.join()
+        executor.close()
     assert killed_at and killed_at[0] < 6                   # it died with work left
     pd.testing.assert_frame_equal(remote, _sweep(eager))
 
@@ -64,8 +76,10 @@ def test_a_worker_killed_mid_sweep_is_replaced(cluster, eager):
 def test_a_task_failing_for_good_keeps_the_finished_rows(cluster, eager):
     bad = tk.sweep(eager, PROMPT, n=2, max_tokens=4, batch=1, progress=False,
                    temperature=[0.5, 1.0])                    # the reference rows
+    executor = RayExecutor(workers=1)
     with pytest.raises(SweepError) as err:
         tk.sweep(eager, PROMPT, n=2, max_tokens=4, batch=1, progress=False,
-                 temperature=[0.5, 1.0, 3.0], executor=RayExecutor(workers=1))
+                 temperature=[0.5, 1.0, 3.0], executor=executor)
+    executor.close()
     assert "temperature" in str(err.value)
     pd.testing.assert_frame_equal(err.value.partial, bad)

@@ -58,23 +58,17 @@ class RayExecutor:
     def __init__(self, workers: Optional[int] = None, cpus: float = 1, gpus: float = 0,
                  threads: Optional[int] = None) -> None:
         self.workers, self.cpus, self.gpus, self.threads = workers, cpus, gpus, threads
-        self.actors: list[Any] = []
+        self.actors: list[Any] = []      # kept for the next sweep of the same model
+        self._built_for: Any = None
         self.completed = 0               # tasks finished so far (for progress and tests)
 
     def map(self, llm: Any, tasks: Sequence[Callable[[Any], pd.DataFrame]]
             ) -> Iterator[tuple[int, pd.DataFrame]]:
         """(index, frame) of each task as it finishes. Closing the iterator (or an
-        interrupt) cancels what is left and stops the actors."""
+        interrupt) cancels what is left; the actors stay for the next sweep of the same
+        model until `close()`."""
         ray = _ray()
-        resources = ray.cluster_resources()
-        gpus = self.gpus or (1 if resources.get("GPU") and llm.device.type == "cuda" else 0)
-        count = self.workers or int(resources.get("GPU", 0) if gpus
-                                    else resources.get("CPU", 1) // self.cpus)
-        actor = ray.remote(EngineActor).options(
-            num_cpus=self.cpus, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES)
-        threads = self.threads or torch.get_num_threads()
-        self.actors = [actor.remote(llm.spec, threads)
-                       for _ in range(max(1, min(count, len(tasks))))]
+        self._start(ray, llm)
         self.completed = 0
         queue, pending, finished = list(enumerate(tasks)), {}, []
         try:
@@ -102,8 +96,29 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+
+    def _start(self, ray: Any, llm: Any) -> None:
+        """Engine actors for `llm` (those of the last sweep, if it was of the same model)."""
+        threads = self.threads or torch.get_num_threads()
+        if self.actors and self._built_for == (llm.spec, threads):
+            return
+        self.close()
+        resources = ray.cluster_resources()
+        gpus = self.gpus or (1 if resources.get("GPU") and llm.device.type == "cuda" else 0)
+        count = self.workers or int(resources.get("GPU", 0) if gpus
+                                    else resources.get("CPU", 1) // self.cpus)
+        actor = ray.remote(EngineActor).options(
+            num_cpus=self.cpus, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES)
+        self.actors = [actor.remote(llm.spec, threads) for _ in range(max(1, count))]
+        self._built_for = (dict(llm.spec), threads)
+
+    def close(self) -> None:
+        """Stop the engine actors."""
+        if self.actors:
+            ray = _ray()
             for worker in self.actors:
                 ray.kill(worker, no_restart=True)
+        self.actors, self._built_for = [], None
 
 
 def _ray() -> Any:
