@@ -83,3 +83,18 @@ def test_a_task_failing_for_good_keeps_the_finished_rows(cluster, eager):
     executor.close()
     assert "temperature" in str(err.value)
     pd.testing.assert_frame_equal(err.value.partial, bad)
+
+
+def test_scoring_on_ray_equals_scoring_here(cluster, eager):
+    context = "def is_even(n):\n    return n % 2 == "
+    choices = ["0", "1", "True", "n", " 0", "None"]
+    texts = [PROMPT * 3, "import os\nimport sys\n", "class A:\n    pass\n"]
+    executor = RayExecutor(workers=2)
+    try:
+        pd.testing.assert_frame_equal(
+            tk.score(eager, context, choices, detail=True, chunk=2, executor=executor),
+            tk.score(eager, context, choices, detail=True))
+        pd.testing.assert_frame_equal(tk.score(eager, texts, chunk=1, executor=executor),
+                                      tk.score(eager, texts))
+    finally:
+        executor.close()

@@ -1,7 +1,8 @@
 """Sweeps on a Ray cluster: one engine actor per GPU (or per CPU worker), the grid as tasks.
 
 `toolkit.sweep(llm, ..., executor="ray")` (or `executor=RayExecutor(workers=4)`) runs the
-sweep's batches of settings on engine actors instead of `llm` itself. Each actor loads the
+sweep's batches of settings on engine actors instead of `llm` itself (`toolkit.score`,
+its chunks of texts likewise). Each actor loads the
 model from `llm.spec`, the small picklable description `toolkit.load` keeps, so the same
 engine is rebuilt in every worker process. A batch holds settings that differ only in
 sampling knobs, which share one decode loop there as they do locally, and the engine's
@@ -17,7 +18,7 @@ connected (a local one on this machine).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -119,6 +120,22 @@ class RayExecutor:
             for worker in self.actors:
                 ray.kill(worker, no_restart=True)
         self.actors, self._built_for = [], None
+
+
+def each(llm: Any, tasks: Sequence[Callable[[Any], pd.DataFrame]],
+         executor: Union[str, RayExecutor, None]) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(index, frame) of each task: run here on `llm`, in order, or on an executor's engines
+    as they finish ("ray": one made for these tasks alone, stopped after them)."""
+    if executor is None:
+        for k, task in enumerate(tasks):
+            yield k, task(llm)
+        return
+    owned = RayExecutor() if executor == "ray" else None
+    try:
+        yield from (owned or executor).map(llm, tasks)
+    finally:
+        if owned is not None:
+            owned.close()
 
 
 def _ray() -> Any:

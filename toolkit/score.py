@@ -7,10 +7,13 @@ is prefilled once and then read from the prefix cache.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
+from tqdm.auto import tqdm
 
+from .cluster import each
 from .errors import InvalidRequestError
 
 SCORE_COLUMNS = ["prompt_index", "continuation", "tokens", "logprob", "mean_logprob",
@@ -19,7 +22,8 @@ SCORE_COLUMNS = ["prompt_index", "continuation", "tokens", "logprob", "mean_logp
 
 def score(llm: Any, prompts: Union[str, Sequence[str]],
           continuations: Union[str, Sequence[str], None] = None, *,
-          detail: bool = False) -> pd.DataFrame:
+          detail: bool = False, executor: Union[str, Any, None] = None,
+          chunk: int = 256, progress: bool = True) -> pd.DataFrame:
     """The log-likelihood of each continuation after its prompt, or of each whole text.
 
     With `continuations` (an evaluation harness's `loglikelihood`): `prompts` and
@@ -37,18 +41,45 @@ def score(llm: Any, prompts: Union[str, Sequence[str]],
     texts), `tokens` scored, `logprob` (their sum), `mean_logprob`, `perplexity`
     (exp of minus the mean) and `is_greedy` (every scored token was the argmax of its
     distribution). `detail=True` adds `token_ids` and `token_logprobs`, one list per row.
+
+    Large sets go `chunk` pairs (or texts) at a time, with a bar when there are several
+    chunks (`progress`); `executor="ray"` (or a `toolkit.cluster.RayExecutor`) scores the
+    chunks on a Ray cluster's engines. Every number is the same wherever a chunk runs:
+    scoring is prefill only, and each prompt is prefilled on its own.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     if continuations is None:
-        rows = [_rolling(llm, k, text, detail) for k, text in enumerate(prompts)]
+        items: list[Any] = list(enumerate(prompts))
+        part: Any = partial(_rolling_rows, detail=detail)
     else:
-        pairs = _pairs(prompts, continuations)
-        requests = [_pair_request(llm, k, context, cont) for k, (context, cont) in pairs]
-        responses = llm.completions.create_batch(requests, progress=False)
-        rows = [_row(k, cont, [resp], detail) for (k, (_, cont)), resp in zip(pairs, responses)]
-    return pd.DataFrame(rows, columns=SCORE_COLUMNS + (["token_ids", "token_logprobs"]
-                                                       if detail else []))
+        items, part = _pairs(prompts, continuations), partial(_pair_rows, detail=detail)
+    columns = SCORE_COLUMNS + (["token_ids", "token_logprobs"] if detail else [])
+    tasks = [partial(part, items=items[i:i + chunk]) for i in range(0, len(items), chunk)]
+    parts: dict[int, pd.DataFrame] = {}
+    results = each(llm, tasks, executor)
+    try:
+        for k, frame in tqdm(results, total=len(tasks), disable=not progress or len(tasks) < 2,
+                             desc="score"):
+            parts[k] = frame
+    finally:
+        results.close()
+    frames = [parts[k] for k in sorted(parts)]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else \
+        pd.DataFrame(columns=columns)
+
+
+def _pair_rows(llm: Any, items: list[tuple[int, tuple[str, str]]], detail: bool
+               ) -> pd.DataFrame:
+    """Rows of (prompt index, (context, continuation)) pairs, as one `create_batch`."""
+    requests = [_pair_request(llm, k, context, cont) for k, (context, cont) in items]
+    responses = llm.completions.create_batch(requests, progress=False)
+    return pd.DataFrame([_row(k, cont, [resp], detail)
+                         for (k, (_, cont)), resp in zip(items, responses)])
+
+
+def _rolling_rows(llm: Any, items: list[tuple[int, str]], detail: bool) -> pd.DataFrame:
+    return pd.DataFrame([_rolling(llm, k, text, detail) for k, text in items])
 
 
 def _pairs(prompts: Sequence[str], continuations: Union[str, Sequence[str]]

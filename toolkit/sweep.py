@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import frames
+from .cluster import each
 
 
 def sweep(llm: Any, prompt: Any, *, n: int = 4, seed: int = 0, max_tokens: int = 32,
@@ -26,8 +27,9 @@ def sweep(llm: Any, prompt: Any, *, n: int = 4, seed: int = 0, max_tokens: int =
     many as fill about 64 rows) through `create_batch`, so those differing only in
     sampling knobs share a decode loop. `executor="ray"` (or a
     `toolkit.cluster.RayExecutor`, whose engines stay up for its next sweep) runs the
-    batches on engine actors of a Ray cluster instead, with the same result. Interrupting (Ctrl-C, the notebook's stop button)
-    keeps the rows of the batches already finished.
+    batches on engine actors of a Ray cluster instead, with the same result.
+    Interrupting (Ctrl-C, the notebook's stop button) keeps the rows of the batches
+    already finished.
     """
     names = list(grids)
     values = [v if isinstance(v, (list, tuple, range)) else [v] for v in grids.values()]
@@ -36,15 +38,8 @@ def sweep(llm: Any, prompt: Any, *, n: int = 4, seed: int = 0, max_tokens: int =
     batches = [settings[start:start + size] for start in range(0, len(settings), size)]
     tasks = [partial(_run, prompt=prompt, settings=b, n=n, seed=seed, max_tokens=max_tokens,
                      fixed=fixed or {}) for b in batches]
-    owned = None                       # an executor made here, stopped at the end
-    if executor is None:
-        results: Any = ((k, task(llm)) for k, task in enumerate(tasks))
-    else:
-        from .cluster import RayExecutor
-
-        owned = RayExecutor() if executor == "ray" else None
-        results = (owned or executor).map(llm, tasks)
     parts: dict[int, pd.DataFrame] = {}
+    results = each(llm, tasks, executor)
     with tqdm(total=len(settings), disable=not progress or len(settings) < 2,
               desc="sweep") as bar:
         try:
@@ -56,8 +51,6 @@ def sweep(llm: Any, prompt: Any, *, n: int = 4, seed: int = 0, max_tokens: int =
                           f"{len(settings)} settings")
         finally:
             results.close()
-            if owned is not None:
-                owned.close()
     if not parts:
         return pd.DataFrame(columns=names + frames.CHOICE_COLUMNS)
     return pd.concat([parts[k] for k in sorted(parts)], ignore_index=True)
