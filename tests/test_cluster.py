@@ -98,3 +98,30 @@ def test_scoring_on_ray_equals_scoring_here(cluster, eager):
                                       tk.score(eager, texts))
     finally:
         executor.close()
+
+
+def test_a_transiently_failing_task_is_retried(cluster, eager, tmp_path):
+    marker = str(tmp_path / "ran")
+
+    def flaky(llm):      # (local functions travel to the workers by value)
+        """Fails the first time it runs anywhere (a marker file says it ran), then works."""
+        import os
+
+        import pandas
+
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("a transient failure")
+        return pandas.DataFrame({"model": [llm.name]})
+
+    def bad(llm):
+        raise ValueError("a bad request is not retried")
+
+    executor = RayExecutor(workers=1)
+    try:
+        got = dict(executor.map(eager, [flaky]))
+        assert got[0].model[0] == eager.name
+        with pytest.raises(SweepError, match="not retried"):
+            list(executor.map(eager, [bad]))
+    finally:
+        executor.close()

@@ -11,7 +11,7 @@ for row, in the same order.
 
 Ray does the fault tolerance (no scheduler of ours): an actor whose process dies is
 restarted, model and all, and its unfinished tasks are retried on it (`max_restarts`,
-`max_task_retries`). A task that still fails raises `SweepError`, which carries the rows
+`max_task_retries`), as is a task that failed in a way another try may mend (`TRANSIENT`). A task that still fails raises `SweepError`, which carries the rows
 already gathered: partial results are never silently dropped. Ray is an optional extra
 (`pip install 'toolkit[scale]'`); `ray.init()` is called for you if no cluster is
 connected (a local one on this machine).
@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 
 RETRIES = 3          # restarts of a dead actor, and retries of a task, before giving up
+# Failures worth another try (out of memory, a file system hiccup), unlike a bad request.
+TRANSIENT = [RuntimeError, OSError, MemoryError]
 
 
 class SweepError(RuntimeError):
@@ -76,7 +78,7 @@ class RayExecutor:
             for worker in self.actors:                   # one task per actor at a time
                 if queue:
                     k, task = queue.pop(0)
-                    pending[worker.run.remote(task)] = (k, worker)
+                    pending[self._submit(worker, task)] = (k, worker)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 k, worker = pending.pop(done[0])
@@ -93,10 +95,14 @@ class RayExecutor:
                 yield k, frame
                 if queue:
                     k, task = queue.pop(0)
-                    pending[worker.run.remote(task)] = (k, worker)
+                    pending[self._submit(worker, task)] = (k, worker)
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+
+    @staticmethod
+    def _submit(worker: Any, task: Callable[[Any], pd.DataFrame]) -> Any:
+        return worker.run.options(retry_exceptions=TRANSIENT).remote(task)
 
     def _start(self, ray: Any, llm: Any) -> None:
         """Engine actors for `llm` (those of the last sweep, if it was of the same model)."""
