@@ -1,18 +1,18 @@
 """Sweeps on a Ray cluster: one engine actor per GPU (or per CPU worker), the grid as tasks.
 
 `toolkit.sweep(llm, ..., executor="ray")` (or `executor=RayExecutor(workers=4)`) runs the
-sweep's batches of settings on engine actors instead of `llm` itself (`toolkit.score`,
-its chunks of texts likewise). Each actor loads the
-model from `llm.spec`, the small picklable description `toolkit.load` keeps, so the same
-engine is rebuilt in every worker process. A batch holds settings that differ only in
-sampling knobs, which share one decode loop there as they do locally, and the engine's
-results never depend on how requests are batched: the frame equals the local sweep's, row
-for row, in the same order.
+sweep's batches of settings on engine actors instead of `llm` itself (`toolkit.score`, its
+chunks of texts likewise). Each actor loads the model from `llm.spec`, the small picklable
+description `toolkit.load` keeps, so the same engine is rebuilt in every worker process.
+The tasks are the batches the local sweep runs (settings that differ only in sampling
+knobs, sharing one decode loop), so the frame equals the local sweep's, row for row, in
+the same order.
 
 Ray does the fault tolerance (no scheduler of ours): an actor whose process dies is
 restarted, model and all, and its unfinished tasks are retried on it (`max_restarts`,
-`max_task_retries`), as is a task that failed in a way another try may mend (`TRANSIENT`). A task that still fails raises `SweepError`, which carries the rows
-already gathered: partial results are never silently dropped. Ray is an optional extra
+`max_task_retries`), as is a task that failed in a way another try may mend
+(`TRANSIENT`). A task that still fails raises `SweepError`, which carries the rows already
+gathered: partial results are never silently dropped. Ray is an optional extra
 (`pip install 'toolkit[scale]'`); `ray.init()` is called for you if no cluster is
 connected (a local one on this machine).
 """
@@ -40,8 +40,6 @@ class EngineActor:
     """An engine in a Ray worker process, built from an `LLM.spec`."""
 
     def __init__(self, spec: dict[str, Any], threads: int) -> None:
-        import torch
-
         import toolkit
 
         torch.set_num_threads(threads)
@@ -85,9 +83,9 @@ class RayExecutor:
                 try:
                     frame = ray.get(done[0])
                 except ray.exceptions.RayError as err:
-                    raise SweepError(f"a sweep task failed after {RETRIES} retries ({err}); "
-                                     f"{len(finished)} of {len(tasks)} tasks finished: their "
-                                     f"rows are in this error's .partial",
+                    raise SweepError(f"a task failed for good ({err}); {len(finished)} of "
+                                     f"{len(tasks)} tasks finished: their rows are in this "
+                                     f"error's .partial",
                                      pd.concat(finished, ignore_index=True) if finished
                                      else pd.DataFrame()) from err
                 self.completed += 1
