@@ -129,4 +129,6 @@ def test_errors(llm, served, far):
         far.completions.create(prompt="x", model="no-such-model", stream=True)
     with pytest.raises(AuthenticationError):
         tk.remote(served.url, api_key="wrong")
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        tk.remote("http://127.0.0.1:9/v1")                   # nothing listens there
     assert llm.name in repr(far) and served.url in repr(far)

@@ -60,7 +60,21 @@ class Remote:
         return listed[0]
 
     def get(self, path: str) -> Any:
-        return _checked(self.client.get(path)).json()
+        return self.send("GET", path).json()
+
+    def send(self, method: str, path: str, body: Any = None, stream: bool = False
+             ) -> httpx.Response:
+        """An HTTP request to the endpoint: its response, or the API's exception for an
+        HTTP error, or `ConnectionError` when the endpoint cannot be reached."""
+        try:
+            response = self.client.send(self.client.build_request(method, path, json=body),
+                                        stream=stream)
+        except httpx.TransportError as err:
+            raise ConnectionError(f"cannot reach {self.base_url}{path}: {err}") from err
+        if stream and not response.is_success:
+            response.read()
+            response.close()
+        return _checked(response)
 
     def close(self) -> None:
         self.client.close()
@@ -78,9 +92,11 @@ class RemoteCompletions:
     def create(self, /, **fields: Any) -> Any:
         body = self._checked_body(fields)
         if body.get("stream"):
-            return _Stream(self._remote.client, body)
-        return _parse(LocalCompletion, _checked(self._remote.client.post(
-            "/completions", json=body)).json())
+            return _Stream(self._remote.send("POST", "/completions", body, stream=True))
+        return self._post(body)
+
+    def _post(self, body: dict[str, Any]) -> LocalCompletion:
+        return _parse(LocalCompletion, self._remote.send("POST", "/completions", body).json())
 
     def create_batch(self, requests: Sequence[dict[str, Any]],
                      progress: Optional[bool] = None) -> list[LocalCompletion]:
@@ -93,9 +109,7 @@ class RemoteCompletions:
         show = self._remote.progress if progress is None else progress
         pool = ThreadPoolExecutor(self._remote.concurrency)
         try:
-            post = lambda body: _parse(LocalCompletion, _checked(self._remote.client.post(
-                "/completions", json=body)).json())
-            return list(tqdm(pool.map(post, bodies), total=len(bodies), leave=False,
+            return list(tqdm(pool.map(self._post, bodies), total=len(bodies), leave=False,
                              disable=not show or len(bodies) < 2, desc=self._remote.model))
         finally:
             pool.shutdown(cancel_futures=True)
@@ -121,14 +135,9 @@ class _Stream:
     errors raised) when it is made; closing the stream, or dropping it, closes the
     connection, which cancels the request on a toolkit server."""
 
-    def __init__(self, client: httpx.Client, body: dict[str, Any]) -> None:
-        self._response = client.send(client.build_request("POST", "/completions", json=body),
-                                     stream=True)
-        if self._response.status_code != 200:
-            self._response.read()
-            self.close()
-            _checked(self._response)
-        self._lines = self._response.iter_lines()
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._lines = response.iter_lines()
 
     def __iter__(self) -> Iterator[LocalChunk]:
         return self
@@ -149,8 +158,7 @@ class _Stream:
         raise StopIteration
 
     def close(self) -> None:
-        if hasattr(self, "_response"):       # (not when the request could not be sent)
-            self._response.close()
+        self._response.close()
 
     def __del__(self) -> None:
         self.close()
