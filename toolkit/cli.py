@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-tokens", type=int, default=32, help="tokens to generate; default: %(default)s")
     add("--temperature", type=float, default=0.0,
         help="0 to 2, 0 is greedy; default: %(default)s")
+    add("--repetition-penalty", type=float, default=None,
+        help="above 1 makes repeated tokens less likely; default: what the model's card "
+        "recommends (1.2 for the zoo's models, whose greedy decoding loops), else 1")
     add("--seed", type=int, default=0, help="sampling seed; default: %(default)s")
     add("--n", type=int, default=1, help="completions to generate; default: %(default)s")
     add("--top-logprobs", type=int, default=3,
@@ -49,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     request = dict(prompt=args.prompt, max_tokens=args.max_tokens, n=args.n,
                    temperature=args.temperature, seed=args.seed, logprobs=True,
                    top_logprobs=args.top_logprobs, stream=args.stream)
+    if args.repetition_penalty is not None:
+        request["repetition_penalty"] = args.repetition_penalty
     try:
         validate_request(request)          # a bad option fails before the model loads
         _run(args, request)
@@ -63,6 +68,11 @@ def _run(args: argparse.Namespace, request: dict[str, Any]) -> None:
     # One short completion: compiling the decode step would only delay the exit.
     llm = load(args.model, device=args.device, dtype=args.dtype, compile=False)
     print(llm)
+    recommended = {k: v for k, v in llm.info.sampling.items() if k not in request}
+    if recommended and not args.info:        # the card's sampling, unless overridden
+        request.update(recommended)
+        print("sampling as the model card recommends: " + ", ".join(
+            f"{k}={v}" for k, v in recommended.items()))
     if args.info:
         for key, value in asdict(llm.info).items():
             print(f"  {key:18} {value}")

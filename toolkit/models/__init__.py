@@ -56,6 +56,9 @@ class ModelInfo:
     reasoning_budgets: dict[str, int] = field(
         default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
     image_token: Optional[str] = None   # a vision-language model's image placeholder
+    # sampling knobs the model's card recommends (its generation_config.json); requests
+    # keep the API's defaults, the CLI starts from these
+    sampling: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
@@ -232,7 +235,18 @@ def describe(model: Any, tokenizer: Any, name: str, source: str, path: str,
         reasoning_budgets={**DEFAULT_REASONING_BUDGETS,
                            **(getattr(cfg, "reasoning_budgets", None) or {})},
         image_token=getattr(processor, "image_token", None),
+        sampling=_recommended_sampling(model),
     )
+
+
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+
+
+def _recommended_sampling(model: Any) -> dict[str, float]:
+    """The sampling knobs a model's generation config sets away from their defaults."""
+    config = getattr(model, "generation_config", None)
+    changed = config.to_diff_dict() if config is not None else {}
+    return {k: changed[k] for k in SAMPLING_KNOBS if changed.get(k) is not None}
 
 
 def _first_attr(cfg: Any, *names: str) -> Any:

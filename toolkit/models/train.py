@@ -55,6 +55,9 @@ SPECS = {
                                       num_experts_per_tok=2, router_aux_loss_coef=0.0),
                       6_000_000, 2e-3),
 }
+# Sampling the cards recommend (written to generation_config.json; the CLI starts from it):
+# greedy decoding of held-out code by models this small falls into loops without a penalty.
+SAMPLING = {"repetition_penalty": 1.2}
 # The draft learns tiny-code's next-token distribution (distillation: KL to the teacher's
 # soft targets) rather than the text: speculation needs it to agree with tiny-code, not to
 # be a good model of its own. Trained on the text alone, a small draft makes guesses of its
@@ -357,6 +360,10 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
              "`reasoning_effort` budgets (thinking tokens per `<think>` block): " + ", ".join(
                  f"{k} {model.config.reasoning_budgets[k]}" for k in REASONING_BUDGETS)
              + ".", "",
+             "Recommended sampling (in `generation_config.json`; the `toolkit` command's "
+             "default; requests keep the API's defaults): " + ", ".join(
+                 f"`{k}={v}`" for k, v in card.get("sampling", {}).items())
+             + ": greedy decoding of held-out code loops without it.", "",
              "## Data", "",
              f"- Python {d['python']} standard library: {d['stdlib_files']} source files and "
              f"`pydoc_data.topics`, no test folders.",
@@ -448,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         model = models[name]
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+        for knob, value in SAMPLING.items():
+            setattr(model.generation_config, knob, value)
         card = {"name": name, "architecture": type(model).__name__, "seed": args.seed,
+                "sampling": SAMPLING,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "data": data, "training": trained[name],
                 "figures": measure(name, models, tokenizer)}
