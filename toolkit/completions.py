@@ -96,9 +96,9 @@ class Completions:
         Those that differ only in sampling
         knobs and seed share one decode loop, each row keeping its own knobs and seed
         stream, so the results equal one `create` per request at a fraction of the cost:
-        a sweep over knobs costs about one request per prompt setting. (Equal tokens;
-        logprobs equal to float rounding, ~1e-6: a merged batch multiplies matrices of
-        another shape, which may sum in another order.) `progress`
+        a sweep over knobs costs about one request per prompt setting. (The same tokens
+        barring a near-tie; logprobs equal to float rounding, ~1e-6: a merged batch
+        multiplies matrices of another shape, which may sum in another order.) `progress`
         (default: `llm.progress`) shows a bar when the batch runs longer than 2 s."""
         started = time.perf_counter()
         if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__iter__"):
