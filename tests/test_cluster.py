@@ -18,7 +18,7 @@ GRID = dict(temperature=[0.5, 1.0, 1.5], top_p=[0.8, 1.0])
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -26,8 +26,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def eager(llama_dir):
     # the workers rebuild it from its spec: eager on both sides, so that no number depends
-    # on whether a compiled step was ready
-    return tk.load(llama_dir, dtype="float32", compile=False, progress=False)
+    # on whether a compiled step was ready; on the CPU, where the (GPU-less) workers run
+    return tk.load(llama_dir, device="cpu", dtype="float32", compile=False, progress=False)
 
 
 def _sweep(llm, **kwargs):
