@@ -113,3 +113,23 @@ def forward_logprobs(llm, ids):
     with torch.no_grad():
         logits = llm.model(input_ids=torch.tensor([ids], device=llm.device)).logits[0]
     return logits.float().log_softmax(-1).cpu()
+
+
+def settled(llm, timeout=10.0):
+    """Whether the engine has dropped every request (cancellation is seen at the next step
+    boundary, so allow it a moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while llm.engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return llm.engine.in_flight == 0
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,13 +14,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).parent.parent
@@ -42,12 +43,6 @@ def _chromium() -> str:
     if path is None:
         pytest.fail("the browser tests need Chromium: apt-get install chromium")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def lab(tmp_path_factory):
     settings.mkdir(parents=True)                  # no "news?" toast over the screenshots
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
                f"--port={port}", f"--IdentityProvider.token={TOKEN}",
                f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={root / '.settings'}",

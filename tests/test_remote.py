@@ -3,14 +3,14 @@ frames equal to the local ones, streams, sweeps and widgets; errors before and a
 request is sent."""
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 
 import toolkit as tk
 from toolkit.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from toolkit.responses import DETAILS_HEADER, LocalChunk, LocalCompletion
+
+from conftest import settled
 
 KEY = "remote-key"
 PROMPT = "def parse(text):\n    "
@@ -83,10 +83,7 @@ def test_closing_a_stream_cancels_it_on_the_server(llm, far):
                                     stream=True, temperature=1.0)
     first = next(stream)
     stream.close()
-    deadline = time.monotonic() + 10
-    while llm.engine.in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert settled(llm)
     entry = next(e for e in reversed(llm.request_log.entries) if e["id"] == first.id)
     assert entry["status"] in ("cancelled", "completed")    # it may have finished first
     assert far.completions.create(prompt="x", max_tokens=1).usage.completion_tokens == 1

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from conftest import settled
 from wire import check_chunk
 
 import toolkit as tk
@@ -37,15 +38,6 @@ def within(seconds, fn, *args, **kwargs):
     if "error" in out:
         raise out["error"]
     return out["value"]
-
-
-def settled(llm, timeout=10.0):
-    """Whether the engine has dropped every request (cancellation is seen at the next step
-    boundary, so allow it a moment)."""
-    deadline = time.monotonic() + timeout
-    while llm.engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return llm.engine.in_flight == 0
 
 
 def ids_and_logprobs(resp):

@@ -18,6 +18,8 @@ import toolkit as tk
 from toolkit import cli
 from toolkit.serve import Limits
 
+from conftest import free_port, settled
+
 KEY = "test-key-1234"
 PROMPT = "def parse(text):\n    "
 
@@ -215,15 +217,8 @@ def test_limits_answer_with_clear_errors(long_llm):
             resp = post(small, {"prompt": "x", "max_tokens": 1})
             assert resp.status_code == 429
             assert resp.json()["error"]["type"] == "rate_limit_error"
-        _wait_for(lambda: llm.engine.in_flight == 0)
+        assert settled(llm)
         assert post(small, {"prompt": "x", "max_tokens": 1}).status_code == 200
-
-
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_twenty_clients_decode_together_and_get_their_own_results(llm, oa):
@@ -258,7 +253,7 @@ def test_a_client_dropping_mid_stream_frees_its_request(long_llm):
         with httpx.stream("POST", f"{server.url}/completions", json=body) as resp:
             lines = resp.iter_lines()
             first = json.loads(next(line for line in lines if line)[len("data: "):])
-        _wait_for(lambda: llm.engine.in_flight == 0)
+        assert settled(llm)
         entry = next(e for e in reversed(llm.request_log.entries) if e["id"] == first["id"])
         assert entry["status"] == "cancelled"
         assert post(server, {"prompt": "x", "max_tokens": 2}).status_code == 200
@@ -276,7 +271,7 @@ def test_serving_beyond_loopback_needs_a_key(monkeypatch):
 
 
 def test_the_command_line_serves_until_interrupted(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TK_TEST_KEY": KEY, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "tiny-code",
                              "--port", str(port), "--api-key-env", "TK_TEST_KEY",
@@ -304,10 +299,3 @@ def test_the_command_line_serves_until_interrupted(tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "serving tiny-code" in out
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
