@@ -101,17 +101,46 @@ def expert_usage(model: Any, docs: Sequence[Sequence[int]], window: int = 512) -
 
 
 @torch.inference_mode()
-def greedy_completion(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48
-                      ) -> str:
-    """A greedy continuation, by a plain loop (the card's sample; not the engine)."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+def greedy_completion(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48,
+                      repetition_penalty: float = 1.0) -> str:
+    """A greedy continuation, by a plain loop (the card's sample; not the engine). The
+    penalty has HF/CTRL semantics over prompt and output: a seen token's logit is divided
+    by it when positive, multiplied by it when negative."""
+    ids = tokenizer(prompt)["input_ids"]
     device = next(model.parameters()).device
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)
-                       .to(device)).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids + new], device=device)).logits[0, -1]
+        seen = torch.tensor(sorted(set(ids + new)), device=device)
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / repetition_penalty,
+                                   logits[seen] * repetition_penalty)
         tok = int(logits.argmax())
         if tok == tokenizer.eos_token_id:
             break
         new.append(tok)
     return tokenizer.decode(new)
+
+
+def longest_run(ids: Sequence[int]) -> int:
+    """How many times in a row the most repeated token sequence occurs: 1 for text without
+    a repeat, 3 for `import sys` on three lines running."""
+    best = 1
+    for size in range(1, len(ids) // 2 + 1):
+        for start in range(len(ids) - size):
+            count = 1
+            while ids[start + count * size:start + (count + 1) * size] == ids[start:start + size]:
+                count += 1
+            best = max(best, count)
+    return best
+
+
+def has_body(prompt: str, completion: str) -> bool:
+    """Whether a completion of a function's header and docstring goes on with its body:
+    its first line of code is indented deeper than the `def` and is not another `def`."""
+    indent = len(prompt) - len(prompt.lstrip())
+    code = [line for line in completion.splitlines() if line.strip()]
+    if not code:
+        return False
+    first = code[0]
+    return len(first) - len(first.lstrip()) > indent and not first.lstrip().startswith(
+        ("def ", "async def ", "class ", "@"))

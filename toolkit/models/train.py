@@ -2,6 +2,7 @@
 
     python -m toolkit.models.train                      # all three, into toolkit/models/zoo
     python -m toolkit.models.train --device cuda --scale 8 --models tiny-code
+    python -m toolkit.models.train --resume --scale 2 --lr-scale 0.5   # continue training
 
 The corpus is the running interpreter's standard library (sources and `pydoc_data.topics`)
 plus the sources of permissively licensed packages installed beside the toolkit. No folder
@@ -205,14 +206,18 @@ def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], k: int) -> torch
 REASONING_BUDGETS = {"low": 32, "medium": 128, "high": 512}
 
 
-def make_model(name: str, seed: int) -> Any:
+def make_model(name: str, seed: int, resume: Path | None = None) -> Any:
+    """A fresh model of the zoo's architecture, or (`resume`) the weights in that folder,
+    whose training then continues: a CPU session can add its tokens to the last one's."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
+    torch.manual_seed(seed)
+    if resume is not None:
+        return AutoModelForCausalLM.from_pretrained(resume, dtype=torch.float32)
     arch, extra, _, _ = SPECS[name]
     config = (LlamaConfig if arch == "llama" else MixtralConfig)(**COMMON, **extra)
     config.think_tokens = SPECIALS[1:]
     config.reasoning_budgets = REASONING_BUDGETS
-    torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -322,7 +327,9 @@ def heldout_prompts(count: int = 4) -> list[str]:
             if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("test") \
                     and ast.get_docstring(fn) and len(fn.body) > 1:
                 lines = text.splitlines()[fn.lineno - 1:fn.body[0].end_lineno]
-                prompts.append("\n".join(line[fn.col_offset:] for line in lines) + "\n")
+                # no final newline: the tokenizer merges a newline with the next line's
+                # indentation, so a prompt ending in a bare "\n" would split that token
+                prompts.append("\n".join(line[fn.col_offset:] for line in lines))
                 break
         if len(prompts) == count:
             break
@@ -343,8 +350,9 @@ def measure(name: str, models: dict[str, Any], tokenizer: Any) -> dict[str, Any]
             ev.greedy_agreement(model, models["tiny-code"], docs), 4)
     if getattr(model.config, "num_local_experts", None):
         figures["expert_usage"] = ev.expert_usage(model, docs).tolist()
-    figures["samples"] = [{"prompt": p, "completion": ev.greedy_completion(model, tokenizer, p)}
-                          for p in heldout_prompts()]
+    figures["samples"] = [{"prompt": p, "completion": ev.greedy_completion(
+        model, tokenizer, p, repetition_penalty=SAMPLING["repetition_penalty"])}
+        for p in heldout_prompts()]
     return figures
 
 
@@ -378,6 +386,9 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
              f"{t['steps']} steps, {t['tokens']:,} tokens, {t['seconds'] / 60:.1f} min on "
              f"{t['hardware']}; batch {t['batch']}x{t['seq_len']}, peak lr {t['peak_lr']}, "
              f"best validation perplexity {t['best_val_perplexity']}."
+             + "".join(f" Continued from weights trained for {r['steps']} steps, "
+                       f"{r['tokens']:,} tokens, {r['seconds'] / 60:.1f} min on {r['hardware']}"
+                       f" (peak lr {r['peak_lr']})." for r in reversed(t.get("resumed_from", [])))
              + (f" Distilled from {t['distilled_from']}: trained on the KL to its next-token "
                 "distribution, not on the text, so that it agrees with it (what speculation "
                 "needs)." if "distilled_from" in t else ""), "",
@@ -392,7 +403,9 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
         lines += ["- tokens routed to each expert (rows: layers, columns: experts):", "",
                   "```", *(" ".join(f"{c:7d}" for c in row) for row in f["expert_usage"]),
                   "```"]
-    lines += ["", "## Greedy completions of held-out code", ""]
+    lines += ["", "## Greedy completions of held-out code", "",
+              "Headers and docstrings of helpers in the held-out test suite, completed "
+              "greedily with the recommended sampling:", ""]
     for s in f["samples"]:
         lines += ["```python", s["prompt"] + s["completion"], "```", ""]
     (folder / "README.md").write_text("\n".join(lines))
@@ -405,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every model's training tokens (e.g. 8 on a GPU)")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply every model's peak learning rate (e.g. 0.5 to resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training the models in --out from their weights "
+                        "(same tokenizer; the card adds up the runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cards-only", action="store_true",
                         help="re-measure the models in --out and rewrite their cards")
@@ -416,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {len(corpus['train'])} train / {len(corpus['val'])} val documents "
           f"({time.time() - t0:.0f}s)", flush=True)
     shared = next((args.out / n for n in ZOO_NAMES if (args.out / n / "tokenizer.json")
-                   .exists() and (n not in args.models or args.cards_only)), None)
+                   .exists() and (n not in args.models or args.cards_only or args.resume)),
+                  None)
     tokenizer = AutoTokenizer.from_pretrained(shared) if shared else train_tokenizer(
         [t for _, t in corpus["train"]], COMMON["vocab_size"])
     train = token_stream(tokenizer, [t for _, t in corpus["train"]])
@@ -432,16 +451,20 @@ def main(argv: list[str] | None = None) -> None:
         if name in args.models and not args.cards_only:
             arch, _, tokens, lr = SPECS[name]
             print(f"{name}: training", flush=True)
-            model = make_model(name, args.seed)
+            model = make_model(name, args.seed, args.out / name if args.resume else None)
             teacher = models[TEACHERS[name]].float().eval() if name in TEACHERS else None
             trained[name] = train_model(model, train, val, tokens=int(tokens * args.scale),
-                                        lr=lr, device=args.device, seed=args.seed,
-                                        teacher=teacher)
+                                        lr=lr * args.lr_scale, device=args.device,
+                                        seed=args.seed, teacher=teacher)
             if teacher is not None:
                 trained[name]["distilled_from"] = TEACHERS[name]
             trained[name]["hardware"] = hardware(args.device)
             trained[name]["command"] = "python -m toolkit.models.train " + " ".join(
                 argv if argv is not None else sys.argv[1:])
+            if args.resume:
+                before = json.loads((args.out / name / "card.json").read_text())["training"]
+                before.pop("history", None)
+                trained[name]["resumed_from"] = [*before.pop("resumed_from", []), before]
             models[name] = model.eval()
         elif (args.out / name / "config.json").exists():
             models[name] = AutoModelForCausalLM.from_pretrained(args.out / name).to(args.device)
