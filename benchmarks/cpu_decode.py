@@ -64,7 +64,6 @@ def main() -> None:
         with torch.inference_mode():
             out = llm.model.generate(ids, max_new_tokens=args.tokens,
                                      min_new_tokens=args.tokens, do_sample=False,
-                                     repetition_penalty=1.0,   # not the card's 1.2
                                      pad_token_id=llm.info.eos_token_ids[0])
         assert out.shape[1] - ids.shape[1] == args.tokens
 

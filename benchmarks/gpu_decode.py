@@ -92,7 +92,7 @@ def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
         with torch.inference_mode():
             out = llm.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
                                      do_sample=n > 1, num_return_sequences=n,
-                                     repetition_penalty=1.0, pad_token_id=eos)
+                                     pad_token_id=eos)
         assert out.shape[1] - ids.shape[1] == tokens
 
     out = {}

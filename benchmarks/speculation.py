@@ -89,7 +89,7 @@ def main() -> None:
         with torch.inference_mode():
             plain.model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                                  do_sample=False, pad_token_id=plain.info.eos_token_ids[0],
-                                 repetition_penalty=1.0, **extra)   # not the card's 1.2
+                                 **extra)
 
     base = {p: run(plain, p).choices[0].text for p in (CODE, REPEATS)}
     middle = len(base[CODE]) // 2

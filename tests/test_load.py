@@ -178,17 +178,17 @@ def test_cli_help_shows_defaults_zoo_names_and_the_request_options():
 
 
 def test_the_cli_samples_as_the_card_recommends(capsys):
-    """The zoo's generation configs recommend a repetition penalty (greedy decoding of
+    """The zoo's generation configs recommend a frequency penalty (greedy decoding of
     these small models loops without one); the CLI starts from it, requests do not."""
     from toolkit.cli import main
 
     llm = tk.load("tiny-code", compile=False, progress=False)
-    assert llm.info.sampling == {"repetition_penalty": 1.2}
+    assert llm.info.sampling == {"frequency_penalty": 0.5}
     main(["tiny-code", "--max-tokens", "24"])
     out = capsys.readouterr().out
-    assert "sampling as the model card recommends: repetition_penalty=1.2" in out
+    assert "sampling as the model card recommends: frequency_penalty=0.5" in out
     penalised = llm.completions.create(prompt=tk.cli.PROMPT, max_tokens=24, temperature=0,
-                                       repetition_penalty=1.2).choices[0].text
+                                       frequency_penalty=0.5).choices[0].text
     assert penalised in out
-    main(["tiny-code", "--max-tokens", "4", "--repetition-penalty", "1.0"])
+    main(["tiny-code", "--max-tokens", "4", "--frequency-penalty", "0"])
     assert "model card recommends" not in capsys.readouterr().out

@@ -28,9 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-tokens", type=int, default=32, help="tokens to generate; default: %(default)s")
     add("--temperature", type=float, default=0.0,
         help="0 to 2, 0 is greedy; default: %(default)s")
+    add("--frequency-penalty", type=float, default=None,
+        help="-2 to 2, above 0 makes tokens less likely each time they recur; default: what "
+        "the model's card recommends (0.5 for the zoo's models, whose greedy decoding "
+        "loops), else 0")
     add("--repetition-penalty", type=float, default=None,
-        help="above 1 makes repeated tokens less likely; default: what the model's card "
-        "recommends (1.2 for the zoo's models, whose greedy decoding loops), else 1")
+        help="above 1 makes tokens of the prompt or output less likely; default: what the "
+        "model's card recommends, else 1")
     add("--seed", type=int, default=0, help="sampling seed; default: %(default)s")
     add("--n", type=int, default=1, help="completions to generate; default: %(default)s")
     add("--top-logprobs", type=int, default=3,
@@ -52,8 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     request = dict(prompt=args.prompt, max_tokens=args.max_tokens, n=args.n,
                    temperature=args.temperature, seed=args.seed, logprobs=True,
                    top_logprobs=args.top_logprobs, stream=args.stream)
-    if args.repetition_penalty is not None:
-        request["repetition_penalty"] = args.repetition_penalty
+    for knob in ("frequency_penalty", "repetition_penalty"):
+        if getattr(args, knob) is not None:
+            request[knob] = getattr(args, knob)
     try:
         validate_request(request)          # a bad option fails before the model loads
         _run(args, request)

@@ -239,7 +239,8 @@ def describe(model: Any, tokenizer: Any, name: str, source: str, path: str,
     )
 
 
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "typical_p",
+                  "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 def _recommended_sampling(model: Any) -> dict[str, float]:

@@ -102,22 +102,22 @@ def expert_usage(model: Any, docs: Sequence[Sequence[int]], window: int = 512) -
 
 @torch.inference_mode()
 def greedy_completion(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48,
-                      repetition_penalty: float = 1.0) -> str:
+                      frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> str:
     """A greedy continuation, by a plain loop (the card's sample; not the engine). The
-    penalty has HF/CTRL semantics over prompt and output: a seen token's logit is divided
-    by it when positive, multiplied by it when negative."""
+    penalties have OpenAI semantics: each output token's logit loses `frequency_penalty`
+    per time it was already generated, and `presence_penalty` once if it was."""
     ids = tokenizer(prompt)["input_ids"]
     device = next(model.parameters()).device
     new: list[int] = []
+    counts = torch.zeros(model.config.vocab_size, device=device)
     for _ in range(max_new_tokens):
         logits = model(input_ids=torch.tensor([ids + new], device=device)).logits[0, -1]
-        seen = torch.tensor(sorted(set(ids + new)), device=device)
-        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / repetition_penalty,
-                                   logits[seen] * repetition_penalty)
+        logits = logits.float() - counts * frequency_penalty - (counts > 0) * presence_penalty
         tok = int(logits.argmax())
         if tok == tokenizer.eos_token_id:
             break
         new.append(tok)
+        counts[tok] += 1
     return tokenizer.decode(new)
 
 

@@ -58,7 +58,11 @@ SPECS = {
 }
 # Sampling the cards recommend (written to generation_config.json; the CLI starts from it):
 # greedy decoding of held-out code by models this small falls into loops without a penalty.
-SAMPLING = {"repetition_penalty": 1.2}
+# A frequency penalty (OpenAI semantics: the output's own counts) breaks them; HF's
+# repetition_penalty does not suit code: it also hits every token of the prompt, such as the
+# newline-and-indent token that starts a function's body, and pushed the models from the
+# body to a blank line and a new `def` (measured: 2 bodies of 9 completions, against 9).
+SAMPLING = {"frequency_penalty": 0.5}
 # The draft learns tiny-code's next-token distribution (distillation: KL to the teacher's
 # soft targets) rather than the text: speculation needs it to agree with tiny-code, not to
 # be a good model of its own. Trained on the text alone, a small draft makes guesses of its
@@ -314,22 +318,22 @@ def hardware(device: str) -> str:
 
 # -------------------------------------------------------------------------------- cards
 
-def heldout_prompts(count: int = 4) -> list[str]:
-    """Header and docstring of the first documented helper in a few held-out files."""
+def heldout_prompts(count: int = 6) -> list[str]:
+    """Header and docstring of the first documented module-level helper of held-out files
+    (a method would lose the class that makes sense of its `self`)."""
     prompts = []
-    for path in ev.heldout_files(every=25):
+    for path in ev.heldout_files(every=5):
         text = _read(path) or ""
         try:
             tree = ast.parse(text)
         except SyntaxError:
             continue
-        for fn in ast.walk(tree):
+        for fn in tree.body:
             if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("test") \
                     and ast.get_docstring(fn) and len(fn.body) > 1:
-                lines = text.splitlines()[fn.lineno - 1:fn.body[0].end_lineno]
                 # no final newline: the tokenizer merges a newline with the next line's
                 # indentation, so a prompt ending in a bare "\n" would split that token
-                prompts.append("\n".join(line[fn.col_offset:] for line in lines))
+                prompts.append("\n".join(text.splitlines()[fn.lineno - 1:fn.body[0].end_lineno]))
                 break
         if len(prompts) == count:
             break
@@ -351,8 +355,7 @@ def measure(name: str, models: dict[str, Any], tokenizer: Any) -> dict[str, Any]
     if getattr(model.config, "num_local_experts", None):
         figures["expert_usage"] = ev.expert_usage(model, docs).tolist()
     figures["samples"] = [{"prompt": p, "completion": ev.greedy_completion(
-        model, tokenizer, p, repetition_penalty=SAMPLING["repetition_penalty"])}
-        for p in heldout_prompts()]
+        model, tokenizer, p, **SAMPLING)} for p in heldout_prompts()]
     return figures
 
 
@@ -371,7 +374,8 @@ def write_card(folder: Path, name: str, model: Any, card: dict[str, Any]) -> Non
              "Recommended sampling (in `generation_config.json`; the `toolkit` command's "
              "default; requests keep the API's defaults): " + ", ".join(
                  f"`{k}={v}`" for k, v in card.get("sampling", {}).items())
-             + ": greedy decoding of held-out code loops without it.", "",
+             + ": greedy decoding of held-out code loops without it (a `repetition_penalty` "
+             "would also penalise the prompt's indentation tokens).", "",
              "## Data", "",
              f"- Python {d['python']} standard library: {d['stdlib_files']} source files and "
              f"`pydoc_data.topics`, no test folders.",
@@ -427,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cards-only", action="store_true",
                         help="re-measure the models in --out and rewrite their cards")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     t0 = time.time()
     corpus = build_corpus()
@@ -477,8 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         model = models[name]
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        for knob, value in SAMPLING.items():
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        for knob, value in SAMPLING.items():     # not GenerationConfig's own fields all
             setattr(model.generation_config, knob, value)
         card = {"name": name, "architecture": type(model).__name__, "seed": args.seed,
                 "sampling": SAMPLING,
