@@ -183,12 +183,12 @@ def test_the_cli_samples_as_the_card_recommends(capsys):
     from toolkit.cli import main
 
     llm = tk.load("tiny-code", compile=False, progress=False)
-    assert llm.info.sampling == {"frequency_penalty": 0.5}
+    assert llm.info.sampling == {"frequency_penalty": 0.7}
     main(["tiny-code", "--max-tokens", "24"])
     out = capsys.readouterr().out
-    assert "sampling as the model card recommends: frequency_penalty=0.5" in out
+    assert "sampling as the model card recommends: frequency_penalty=0.7" in out
     penalised = llm.completions.create(prompt=tk.cli.PROMPT, max_tokens=24, temperature=0,
-                                       frequency_penalty=0.5).choices[0].text
+                                       frequency_penalty=0.7).choices[0].text
     assert penalised in out
     main(["tiny-code", "--max-tokens", "4", "--frequency-penalty", "0"])
     assert "model card recommends" not in capsys.readouterr().out

@@ -120,10 +120,10 @@ def test_cards_carry_their_figures(name, zoo):
         assert min(min(row) for row in figures["expert_usage"]) > 0
 
 
-@pytest.mark.parametrize("name", ["tiny-code", "tiny-code-moe"])
+@pytest.mark.parametrize("name", ZOO_NAMES)
 def test_cards_completions_write_a_body_without_loops(name, zoo):
     samples = json.loads((ZOO_DIR / name / "card.json").read_text())["figures"]["samples"]
-    assert len(samples) == 4
+    assert len(samples) == 6
     for sample in samples:
         assert ev.has_body(sample["prompt"], sample["completion"]), sample["completion"]
         ids = zoo[name].tokenizer(sample["completion"], add_special_tokens=False)["input_ids"]

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         help="0 to 2, 0 is greedy; default: %(default)s")
     add("--frequency-penalty", type=float, default=None,
         help="-2 to 2, above 0 makes tokens less likely each time they recur; default: what "
-        "the model's card recommends (0.5 for the zoo's models, whose greedy decoding "
+        "the model's card recommends (0.7 for the zoo's models, whose greedy decoding "
         "loops), else 0")
     add("--repetition-penalty", type=float, default=None,
         help="above 1 makes tokens of the prompt or output less likely; default: what the "
