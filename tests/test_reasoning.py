@@ -36,15 +36,22 @@ def blocks(ids, start, end, open_at_start=False):
 
 @pytest.mark.parametrize("budget", [1, 5, 17])
 def test_an_integer_budget_is_exact(zoo, budget):
-    """The open block gets at most `budget` tokens, then `</think>`: exactly `budget` for
-    a model that would go on thinking (the zoo's never closes a block on its own)."""
+    """The open block gets at most `budget` tokens, then `</think>`: exactly `budget` where
+    the model would go on thinking, and where it closes the block sooner on its own, the
+    same tokens as without a budget (each choice draws from its own seeded stream)."""
     start, end = zoo.info.think_token_ids
-    resp = zoo.completions.create(prompt=THINKING, max_tokens=40, n=16, seed=budget,
-                                  reasoning_effort=budget, return_token_ids=True)
-    for c in resp.choices:
+    request = dict(prompt=THINKING, max_tokens=40, n=16, seed=budget, return_token_ids=True)
+    resp = zoo.completions.create(**request, reasoning_effort=budget)
+    free = zoo.completions.create(**request)
+    capped = 0
+    for c, f in zip(resp.choices, free.choices):
         sizes = blocks(c.token_ids, start, end, open_at_start=True)
-        assert sizes[0] == budget and c.token_ids[budget] == end
+        own = blocks(f.token_ids, start, end, open_at_start=True)[0]
+        assert sizes[0] == min(own, budget) and c.token_ids[sizes[0]] == end
+        assert c.token_ids[:sizes[0]] == f.token_ids[:sizes[0]]
         assert all(s <= budget for s in sizes)
+        capped += own > budget
+    assert capped >= 4          # the budget did bind, for a quarter of the choices at least
 
 
 @pytest.mark.parametrize("effort", [0, False, "none"])
