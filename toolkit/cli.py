@@ -13,7 +13,7 @@ from .errors import APIError
 from .models import DEFAULT_MODEL, ZOO_NAMES
 from .schema import validate_request
 
-PROMPT = "def read_lines(path):\n    with open(path) as f:\n        "
+PROMPT = "def read_lines(path):\n    with open(path) as f:"
 
 
 def _parser() -> argparse.ArgumentParser:
