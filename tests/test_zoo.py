@@ -130,7 +130,6 @@ def test_cards_completions_write_a_body_without_loops(name, zoo):
         assert ev.longest_run(ids) <= 3, sample["completion"]
 
 
-
 def test_card_completion_loop_matches_the_engine():
     # the cards' plain loop (OpenAI penalties over the output) against the engine
     llm = tk.load("tiny-code", device="cpu", compile=False)
@@ -151,6 +150,7 @@ def test_longest_run_and_has_body():
     assert not ev.has_body(header, "\n\n    def g(y):")   # a method of a class, not a body
     assert not ev.has_body(header, "\n\nimport sys")
     assert not ev.has_body(header, "\n\n")
+
 
 def _build_isolation() -> list[str]:
     """Build with the installed setuptools where it is recent enough (a machine without

@@ -482,10 +482,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         model = models[name]
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        for knob, value in SAMPLING.items():     # not GenerationConfig's own fields all
-            setattr(model.generation_config, knob, value)
+        model.generation_config = GenerationConfig(   # (unknown knobs kept as attributes)
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            **SAMPLING)
         card = {"name": name, "architecture": type(model).__name__, "seed": args.seed,
                 "sampling": SAMPLING,
                 "parameters": sum(p.numel() for p in model.parameters()),
