@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import vision
 from .engine import reasoning
+from .engine.collector import collector_held
 from .engine.outputs import Capture, RowUpdate, TokenLog, Update
 from .engine.sampler import SamplingParams, row_seed
 from .engine.sequence import Job
@@ -53,6 +54,7 @@ class Completions:
 
     def __init__(self, llm: "LLM") -> None:
         self._llm = llm
+        self.names = TokenText(llm.engine.pieces)    # shared by every response
 
     def create(self, /, *, prompt: Union[str, list[str], list[int], list[list[int]]]
                = REQUIRED, model: Optional[str] = None, user: Optional[str] = None,
@@ -111,9 +113,10 @@ class Completions:
         groups: dict[tuple, list[_Run]] = {}
         for run in runs:
             groups.setdefault(run.job.batch_key, []).append(run)
-        for group in groups.values():
-            _run_together(self._llm, group, progress)
-        return [run.response() for run in runs]
+        with collector_held():
+            for group in groups.values():
+                _run_together(self._llm, group, progress)
+            return [run.response() for run in runs]
 
     def _prepare(self, fields: Any, started: float) -> "_Run":
         """Validate a request against the schema and the model, and plan its engine job."""
@@ -357,7 +360,7 @@ class _Run:
         self.started, self.tokenized = started, tokenized
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.names = TokenText(llm.engine.pieces)
+        self.names = llm.completions.names
         self.stops = StopStrings(req.stop_sequences)
         self.choices = [_ChoiceState(r, r // job.n) for r in range(job.rows)]
         self.echoes = [TokenLog() for _ in job.prompts]
@@ -390,8 +393,9 @@ class _Run:
         return changed
 
     def complete(self) -> LocalCompletion:
-        _run_together(self.llm, [self])
-        return self.response()
+        with collector_held():
+            _run_together(self.llm, [self])
+            return self.response()
 
     def response(self) -> LocalCompletion:
         return LocalCompletion(

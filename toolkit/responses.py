@@ -55,17 +55,25 @@ class LocalChunk(_Shown, CompletionChunk, FrameMethods):
 class TokenText:
     """Display strings of token ids. A token holding part of a character is shown as
     OpenAI shows it, `bytes:\\xe2\\x80`, so distinct partial tokens keep distinct names
-    (the legacy format keys alternatives by name); `bytes` always has the true bytes."""
+    (the legacy format keys alternatives by name); `bytes` always has the true bytes.
+
+    One per model (the completions resource keeps it): each name is worked out once, the
+    first time it is shown, since a response names every token and its alternatives."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
+        self._names: list[Optional[str]] = [None] * len(pieces)
 
     def __call__(self, token: int) -> str:
-        piece = self.pieces[token]
-        try:
-            return piece.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+        name = self._names[token]
+        if name is None:
+            piece = self.pieces[token]
+            try:
+                name = piece.decode("utf-8")
+            except UnicodeDecodeError:
+                name = "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+            self._names[token] = name
+        return name
 
 
 def details(prompt_index: int, prompt_tokens: int, logs: list[tuple[TokenLog, int, int]],

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from ..models import ModelInfo, input_device
+from .collector import collector_held
 from .decode import Decoder
 from .grammar import Grammars
 from .outputs import Update
@@ -187,7 +188,7 @@ class Engine:
     def _round(self) -> None:
         """One step of every live job, under torch's inference mode."""
         self._drop_cancelled(stepping=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), collector_held():
             for handle, steps in list(self._live):
                 try:
                     update = next(steps)

@@ -24,8 +24,9 @@ def score(pieces: list[bytes], capture: Capture, logits: torch.Tensor, tokens: t
         return [Token(t, pieces[t]) for t in ids]
     raw = logits.log_softmax(-1)
     token_lp = raw.gather(1, tokens[:, None])[:, 0]
+    # (entropy: a token of probability 0 adds 0 * finite, not 0 * -inf)
     columns = [token_lp, (raw > token_lp[:, None]).sum(-1).to(raw.dtype) + 1,
-               -(raw.exp() * raw).nan_to_num().sum(-1)]
+               -(raw.exp() * raw.clamp_min(torch.finfo(raw.dtype).min)).sum(-1)]
     if sampling_lp is not None:
         columns.append(sampling_lp)
     top = raw.topk(capture.top_n, dim=-1) if capture.top_n else None
