@@ -19,11 +19,13 @@ from toolkit.engine.graphs import MIN_CAPACITY, GraphStep, bucket
 PROMPTS = ["def parse(line):\n", "import os\nimport sys\n\n"]
 
 
-def graphed(folder, **load):
-    """A float32 engine whose decode step is the graph step (captured where CUDA is)."""
+def graphed(folder, fuse=False, **load):
+    """A float32 engine whose decode step is the graph step (captured where CUDA is),
+    compiled by inductor first with `fuse`."""
     llm = tk.load(folder, dtype="float32", compile=False, **load)
     runner = llm.engine.runner
-    runner.step = GraphStep(runner.lean, capture=runner.lean.device.type == "cuda")
+    runner.step = GraphStep(runner.lean, capture=runner.lean.device.type == "cuda",
+                            fuse=fuse)
     return llm
 
 
@@ -61,6 +63,43 @@ def test_graph_steps_decode_as_the_eager_forward(kind, request):
             routes = lambda r: [t.routing_matrix for c in r.choices for t in c.logprobs.content]
             assert routes(a) == routes(b) and routes(a)[0] is not None
     assert list(fast.engine.runner.step.idle) == [(8, MIN_CAPACITY)]
+
+
+@pytest.mark.parametrize("kind", ["llama_dir", "moe_dir"])
+def test_the_fused_step_decodes_as_the_eager_forward(kind, request):
+    """The static step compiled by inductor (and captured, where CUDA is): the same
+    tokens, logprobs, activations and routing as the eager forward, for a first slot size
+    and for another one (which compiles again, with dynamic sizes)."""
+    folder = request.getfixturevalue(kind)
+    eager = tk.load(folder, dtype="float32", compile=False)
+    fast = graphed(folder, fuse=True)
+    moe = kind == "moe_dir"
+    for prompts, n in ((PROMPTS, 3), (PROMPTS[:1], 1)):
+        kw = dict(prompt=prompts, n=n, max_tokens=16, logprobs=True, top_logprobs=3,
+                  include_last_activation=True, activation_layers=[0],
+                  include_routing_matrix=moe, temperature=0.8, seed=3)
+        with warnings.catch_warnings():               # no fallback to the uncompiled step
+            warnings.filterwarnings("error", "toolkit: the fused decode step")
+            a = fast.completions.create(**kw)
+        b = eager.completions.create(**kw)
+        same_choices(a, b)
+        assert a.activations(layer=0).to_numpy() == pytest.approx(
+            b.activations(layer=0).to_numpy(), abs=1e-4)
+        if moe:
+            routes = lambda r: [t.routing_matrix for c in r.choices for t in c.logprobs.content]
+            assert routes(a) == routes(b)
+    assert fast.engine.runner.step.state.endswith("fused")
+
+
+def test_a_step_that_cannot_be_fused_runs_uncompiled(llama_dir):
+    fast = graphed(llama_dir, fuse=True)
+    step = fast.engine.runner.step
+    step.fused = lambda slot: 1 / 0                   # as if inductor had failed
+    kw = dict(prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    with pytest.warns(RuntimeWarning, match="fused decode step is unavailable"):
+        got = fast.completions.create(**kw)
+    assert step.fused is None and not step.state.endswith("fused")
+    same_choices(got, tk.load(llama_dir, dtype="float32", compile=False).completions.create(**kw))
 
 
 def test_slots_are_reused_and_grow(llama_dir, monkeypatch):

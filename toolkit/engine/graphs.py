@@ -14,6 +14,16 @@ the cache attended under a mask, MoE layers run densely): the same code, and on 
 there is nothing to capture, the same code runs eagerly over the same slots (tests check the
 bookkeeping there). Every layer's residual stream is an output, so one graph serves every
 request's `activation_layers`.
+
+Inside a graph each kernel still costs a few microseconds, and the eager step is some 25
+kernels per layer (norms, rotary embedding, cache writes, attention, activations): on an
+H200 the graphed step of a 1B model took 1.8 ms against 0.47 ms of weight reads. With
+`fuse`, the static step is first compiled by inductor (as gpt-fast does), which fuses the
+elementwise work around the matrix products into a few kernels per layer, and the compiled
+step is what the graph captures. It compiles once per model and process (and again once
+for the first slot of another size, after which sizes are dynamic); should it fail, the
+step warns and runs uncompiled. (Opt-in, `TOOLKIT_FUSED_GRAPHS=1`, until it is measured
+on a GPU: see benchmarks/README.md.)
 """
 from __future__ import annotations
 
@@ -39,9 +49,12 @@ class Slot:
     """A KV cache of one size, its step's input and output buffers, and its graph."""
 
     def __init__(self, lean: LeanModel, rows: int, capacity: int) -> None:
-        self.cache = lean.new_cache(rows, capacity)
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=lean.device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=lean.device)
+        # (normal tensors, though made inside the engine's inference mode: a compiled step
+        # runs outside it, and cannot write inference tensors there)
+        with torch.inference_mode(False):
+            self.cache = lean.new_cache(rows, capacity)
+            self.tokens = torch.zeros(rows, dtype=torch.long, device=lean.device)
+            self.positions = torch.zeros(rows, dtype=torch.long, device=lean.device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Optional[tuple] = None
 
@@ -85,20 +98,24 @@ class PooledCache(KVCache):
 
 class GraphStep:
     """Decode steps of one `LeanModel` as CUDA graphs, one per slot, captured on the slot's
-    first step (`capture=False` runs the same static step eagerly: on a CPU)."""
+    first step (`capture=False` runs the same static step without graphs: on a CPU).
+    `fuse` compiles the static step with inductor first (see the module's docstring)."""
 
     max_rows = 1024     # a batch larger than this decodes eagerly
 
-    def __init__(self, lean: LeanModel, capture: bool) -> None:
+    def __init__(self, lean: LeanModel, capture: bool, fuse: bool = False) -> None:
         self.lean = lean
         self.capture = capture
         self.error: Optional[BaseException] = None   # a capture failed: eager from then on
+        self.fused = torch.compile(self._static, fullgraph=True) if fuse else None
         self.taps = tuple(range(len(lean.layers)))
         self.idle: dict[tuple[int, int], list[Slot]] = defaultdict(list)
 
     @property
     def state(self) -> str:
-        return "CUDA graphs" if self.error is None else "unavailable"
+        if self.error is not None:
+            return "unavailable"
+        return "CUDA graphs" + (", fused" if self.fused is not None else "")
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Ready unless a capture failed: graphs are captured on each slot's first step."""
@@ -149,6 +166,19 @@ class GraphStep:
                 None if route is None else tuple(map(keep, route)))
 
     def _step(self, slot: Slot) -> tuple:
+        if self.fused is not None:
+            try:
+                with torch.inference_mode(False):       # (see `Slot`)
+                    return self.fused(slot)
+            except Exception as err:                    # inductor could not compile it
+                self.fused = None
+                warnings.warn(f"toolkit: the fused decode step is unavailable "
+                              f"({err!s:.200}); stepping with the uncompiled one",
+                              RuntimeWarning, stacklevel=4)
+        return self._static(slot)
+
+    def _static(self, slot: Slot) -> tuple:
+        """The static step over a slot's cache and buffers: what a graph captures."""
         hidden, route, layers = self.lean.forward(
             slot.tokens[:, None], slot.positions[:, None], slot.cache, slice(None),
             self.taps, span=slot.cache.capacity, static=True)

@@ -138,7 +138,9 @@ class LeanModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
 
-    @torch.inference_mode()
+    # (no_grad, not inference_mode: a step compiled by torch.compile that runs this fails
+    # under inference mode, pytorch#180823; the engine's rounds run in inference mode)
+    @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 rows: slice, taps: tuple[int, ...] = (), span: Optional[int] = None,
                 static: bool = False) -> tuple[torch.Tensor, Any, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
@@ -122,8 +123,9 @@ class LeanRunner:
         self.lean = lean.LeanModel(model)
         self.step: Union[CompiledStep, GraphStep, None] = None
         if compile:
-            self.step = (GraphStep(self.lean, capture=True) if self.lean.device.type == "cuda"
-                         else CompiledStep(self.lean))
+            fuse = os.environ.get("TOOLKIT_FUSED_GRAPHS", "") not in ("", "0")
+            self.step = (GraphStep(self.lean, capture=True, fuse=fuse)
+                         if self.lean.device.type == "cuda" else CompiledStep(self.lean))
 
     def start(self, rows: int, capacity: int) -> lean.KVCache:
         if isinstance(self.step, GraphStep):
