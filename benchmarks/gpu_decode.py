@@ -1,6 +1,6 @@
 """Decode speed on a GPU against `transformers` `generate()`, same model and run.
 
-    python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small] [--eager]
+    python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small] [--eager] [--fused]
 
 The model is DESIGN §8's: a Llama-3.2-1B body (16 layers, 2048 wide, 32/8 heads, 8192 MLP)
 with random weights in bfloat16 and the zoo's 4k tokenizer, built from a config on the GPU
@@ -14,14 +14,18 @@ warm-up):
 - n=64 sampling: the engine with logprobs and top-5 against `generate()` with
   `num_return_sequences=64`; and the same on `tiny-code`;
 - the batch-1 roofline: the weights' bytes over the measured device copy bandwidth;
-- with `--eager`, the engine's own rates again with `compile=False` (no CUDA graphs).
-The engine is loaded as `toolkit.load` gives it: decode steps as CUDA graphs on a GPU.
+- with `--eager`, the engine's own rates again with `compile=False` (no CUDA graphs);
+- with `--fused`, again with `TOOLKIT_FUSED_GRAPHS=1` (the graphed step compiled by
+  inductor first), on both models, with the fused graph's own step time.
+The engine is otherwise loaded as `toolkit.load` gives it: decode steps as CUDA graphs on a
+GPU.
 Writes JSON to benchmarks/results/gpu_decode.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -138,6 +142,19 @@ def _graph_step(llm: tk.LLM) -> dict:
             "kernel_busy_ms": round(busy / 1e3, 3)}
 
 
+def measure(result: dict, name: str, source: str, args: argparse.Namespace,
+            fused: bool = False) -> None:
+    """Rates and the graph's step time of one model, loaded as a user would load it."""
+    os.environ["TOOLKIT_FUSED_GRAPHS"] = "1" if fused else "0"
+    try:
+        llm = tk.load(source, device=args.device, dtype="bfloat16", progress=False)
+        result[name] = rates(llm, args.tokens, args.repeats)
+        result[name + "_graph_step"] = graph_step(llm)
+        result[name]["step"] = getattr(getattr(llm.engine.runner, "step", None), "state", None)
+    finally:
+        os.environ.pop("TOOLKIT_FUSED_GRAPHS")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128)
@@ -145,10 +162,12 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--eager", action="store_true",
                         help="also time the engine with compile=False (no CUDA graphs)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time the engine with TOOLKIT_FUSED_GRAPHS=1")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gpu_decode.json")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "new_tokens": args.tokens}
     with tempfile.TemporaryDirectory() as folder:
@@ -158,23 +177,31 @@ def main() -> None:
         bandwidth = copy_bandwidth(device)
         result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       roofline_tok_s=round(bandwidth / weights, 1))
-        result["llama_1b_shape"] = rates(llm, args.tokens, args.repeats)
-        result["llama_1b_graph_step"] = graph_step(llm)
         del llm
+        measure(result, "llama_1b_shape", folder, args)
         if args.eager:
             eager = tk.load(folder, device=device, dtype="bfloat16", compile=False,
                             progress=False)
             result["llama_1b_shape_eager"] = rates(eager, args.tokens, args.repeats)
             del eager
-    tiny = tk.load("tiny-code", device=device, dtype="bfloat16", progress=False)
-    result["tiny_code"] = rates(tiny, args.tokens, args.repeats)
-    result["tiny_code_graph_step"] = graph_step(tiny)
+        if args.fused:
+            measure(result, "llama_1b_shape_fused", folder, args, fused=True)
+    measure(result, "tiny_code", "tiny-code", args)
+    if args.fused:
+        measure(result, "tiny_code_fused", "tiny-code", args, fused=True)
     big = result["llama_1b_shape"]
     result["batch1_fraction_of_roofline"] = round(big["batch1_capture_on"]
                                                   / result["roofline_tok_s"], 3)
     result["n64_ratio"] = round(big["n64_engine"] / big["n64_generate"], 2)
     result["tiny_n64_ratio"] = round(result["tiny_code"]["n64_engine"]
                                      / result["tiny_code"]["n64_generate"], 2)
+    if args.fused:
+        fused = result["llama_1b_shape_fused"]
+        result["fused_batch1_fraction_of_roofline"] = round(
+            fused["batch1_capture_on"] / result["roofline_tok_s"], 3)
+        result["fused_n64_ratio"] = round(fused["n64_engine"] / fused["n64_generate"], 2)
+        result["fused_tiny_n64_ratio"] = round(result["tiny_code_fused"]["n64_engine"]
+                                               / result["tiny_code_fused"]["n64_generate"], 2)
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
