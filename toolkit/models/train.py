@@ -314,7 +314,8 @@ def hardware(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({cpu}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 # -------------------------------------------------------------------------------- cards
