@@ -115,7 +115,8 @@ class GraphStep:
     def state(self) -> str:
         if self.error is not None:
             return "unavailable"
-        return "CUDA graphs" + (", fused" if self.fused is not None else "")
+        kind = "CUDA graphs" if self.capture else "static, not captured"
+        return kind + (", fused" if self.fused is not None else "")
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Ready unless a capture failed: graphs are captured on each slot's first step."""
