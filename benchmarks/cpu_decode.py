@@ -27,20 +27,10 @@ import toolkit as tk
 PROMPT = 'def parse_header(line):\n    """Split a header line into its name and value."""\n'
 
 
-def best_rate(fn, tokens: int, repeats: int) -> float:
-    """Tokens/s, median of `repeats` runs after a warm-up run (allocations, lazy init)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
-
-
 def alternate_rates(fns: dict, tokens: int, repeats: int) -> dict:
-    """Tokens/s of each fn, median of `repeats` runs taken in turns after a warm-up (on a
-    noisy machine, alternating keeps a slow spell from landing on one side only)."""
+    """Tokens/s of each fn, median of `repeats` runs taken in turns after a warm-up run
+    (allocations, lazy init); on a noisy machine, alternating keeps a slow spell from
+    landing on one side only."""
     times: dict = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -50,6 +40,11 @@ def alternate_rates(fns: dict, tokens: int, repeats: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+
+def best_rate(fn, tokens: int, repeats: int) -> float:
+    """Tokens/s of one fn, median of `repeats` runs after a warm-up run."""
+    return alternate_rates({"fn": fn}, tokens, repeats)["fn"]
 
 
 def batch_rates(llm: tk.LLM, ids: torch.Tensor, n: int, tokens: int, repeats: int) -> dict:

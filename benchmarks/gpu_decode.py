@@ -64,7 +64,8 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / seconds
 
 
-def build_model(folder: Path, small: bool, device: torch.device) -> None:
+def build_model(folder: Path, small: bool, device: torch.device) -> int:
+    """Save the model and tokenizer to `folder`; the weights' bytes."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "tiny-code")
@@ -80,6 +81,7 @@ def build_model(folder: Path, small: bool, device: torch.device) -> None:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
@@ -171,13 +173,10 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "new_tokens": args.tokens}
     with tempfile.TemporaryDirectory() as folder:
-        build_model(Path(folder), args.small, device)
-        llm = tk.load(folder, device=device, dtype="bfloat16", progress=False)
-        weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+        weights = build_model(Path(folder), args.small, device)
         bandwidth = copy_bandwidth(device)
         result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       roofline_tok_s=round(bandwidth / weights, 1))
-        del llm
         measure(result, "llama_1b_shape", folder, args)
         if args.eager:
             eager = tk.load(folder, device=device, dtype="bfloat16", compile=False,
