@@ -27,6 +27,12 @@ class Capture:
     layers: tuple[int, ...] = ()      # residual streams after these layers
     tracked: tuple[int, ...] = ()     # tokens whose raw logprobs every position records
 
+    @property
+    def any(self) -> bool:
+        """Whether anything beyond the token ids is recorded."""
+        return bool(self.scores or self.top_n or self.hidden or self.routing or self.layers
+                    or self.tracked)
+
 
 @dataclass(frozen=True)
 class Verify:

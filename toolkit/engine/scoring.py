@@ -19,8 +19,7 @@ def score(pieces: list[bytes], capture: Capture, logits: torch.Tensor, tokens: t
     them: only what `capture` asks for, brought to the host in one transfer (and one
     per kind of activation). `ids` are the tokens' ids where the host knows them."""
     ids = tokens.tolist() if ids is None else ids
-    if not (capture.scores or capture.top_n or capture.hidden or capture.routing
-            or capture.layers or capture.tracked):
+    if not capture.any:
         return [Token(t, pieces[t]) for t in ids]
     raw = logits.log_softmax(-1)
     token_lp = raw.gather(1, tokens[:, None])[:, 0]
@@ -63,9 +62,14 @@ def score_chosen(pieces: list[bytes], device: torch.device, capture: Capture,
                  chosen: dict[int, list[int]]) -> dict[int, dict[int, Token]]:
     """Each row's chosen tokens, by column, scored in one `score` call: the picks'
     places go to the device in one transfer. `ids` are the drawn tokens, by column,
-    as the host has them."""
+    as the host has them. Without captures, the tokens are their ids alone: nothing goes
+    to the device."""
     picks = sorted((j, r) for r in chosen for j in chosen[r])
     out: dict[int, dict[int, Token]] = {r: {} for r in chosen}
+    if not capture.any:
+        for j, r in picks:
+            out[r][j] = Token(ids[j][r], pieces[ids[j][r]])
+        return out
     if not picks:
         return out
     width = picks[-1][0] + 1
