@@ -41,6 +41,7 @@ from ..models import ModelInfo, input_device
 from .collector import collector_held
 from .decode import Decoder
 from .grammar import Grammars
+from .memory import keep_freed_memory
 from .outputs import Update
 from .prefix_cache import PrefixCache
 from .runner import make_runner
@@ -101,6 +102,8 @@ class Engine:
         self.draft = None if draft is None else make_runner(*draft, lean_forward, compile)
         self.pieces = token_bytes_table(tokenizer)
         self.device = input_device(model)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.grammars = Grammars(tokenizer, info.vocab_size)
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
