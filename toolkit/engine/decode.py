@@ -199,7 +199,7 @@ class Decoder:
                 ids.append(tokens.tolist())
             for r in rows:
                 s, g, token = seqs[r], guesses[r], ids[j][r]
-                if self._append(job, s, loop.stops, Token(token, self.pieces[token])):
+                if self._append(job, s, loop.stops, token):
                     chosen[r].append(j)
                     if loop.thinking is not None and loop.thinking.take(r, token):
                         thought.add((j, r))
@@ -365,15 +365,15 @@ class Decoder:
             self.runner.write_kv(state, row, kv)
         return cached
 
-    def _append(self, job: Job, s: Sequence, stops: StopStrings, token: Token) -> bool:
+    def _append(self, job: Job, s: Sequence, stops: StopStrings, token: int) -> bool:
         """Add a row's new token; finish the row on EOS, a stop string or its length.
         False for an EOS that finishes the row: it is not part of the choice."""
-        if token.id in job.eos_ids and not job.ignore_eos:
+        if token in job.eos_ids and not job.ignore_eos:
             s.finish_reason = "stop"
             return False
-        s.ids.append(token.id)
+        s.ids.append(token)
         before = len(s.text.text)
-        s.text.add(token.piece)
+        s.text.add(self.pieces[token])
         hit = stops.find(s.text.text, before)
         if hit is not None:
             s.stop_at, s.finish_reason = hit, "stop"
