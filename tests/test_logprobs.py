@@ -104,6 +104,28 @@ def test_legacy_format_always_includes_the_chosen_token(llm):
     assert all(len(t) == 1 for t in only_chosen.choices[0].logprobs.top_logprobs)
 
 
+def test_legacy_format_says_what_the_new_one_says(llm):
+    """The legacy format is built from the tokens, the new one from entries: the same
+    seeded request in each gives the same tokens, logprobs, alternatives and offsets, and
+    its stream's chunks join into the same legacy lists."""
+    kw = dict(prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3, echo=True)
+    legacy = llm.completions.create(logprobs=3, **kw).choices[0].logprobs
+    content = llm.completions.create(logprobs=True, top_logprobs=3, **kw).choices[0] \
+        .logprobs.content
+    assert legacy.tokens == [e.token for e in content]
+    assert legacy.token_ids == [e.token_id for e in content]
+    assert legacy.token_logprobs == [e.logprob for e in content]
+    assert legacy.text_offset == [e.text_offset for e in content]
+    assert legacy.top_logprobs[0] is None
+    for top, e in zip(legacy.top_logprobs[1:], content[1:]):
+        assert top == {**{t.token: t.logprob for t in e.top_logprobs}, e.token: e.logprob}
+    chunks = [c.choices[0].logprobs for c in llm.completions.create(logprobs=3, stream=True,
+                                                                    **kw)]
+    joined = lambda name: [x for lp in chunks if lp is not None for x in getattr(lp, name)]
+    for name in ("tokens", "token_ids", "token_logprobs", "top_logprobs", "text_offset"):
+        assert joined(name) == getattr(legacy, name)
+
+
 def echoed_run(llm, **capture):
     """A sampled completion with the prompt echoed; (response, every token id)."""
     resp = llm.completions.create(prompt=PROMPT, max_tokens=6, logprobs=True, seed=1,

@@ -428,12 +428,29 @@ class _Run:
 
     # ---------------------------------------------------------------- choices and chunks
 
+    def _spans(self, c: _ChoiceState, start: int, end: int, with_echo: bool
+               ) -> list[tuple[TokenLog, int, int, int]]:
+        """The choice's tokens [start, end), after its echoed prompt when `with_echo`:
+        (log, start, end, text offset of the log's text in the choice's) each."""
+        echo = self.echoes[c.prompt_index]
+        return ([(echo, 0, len(echo), 0)] if with_echo else []) + \
+            [(c.out, start, end, len(echo.text.text))]
+
     def _entries(self, c: _ChoiceState, start: int, end: int, with_echo: bool) -> list:
-        echo, tracked = self.echoes[c.prompt_index], self.job.capture.tracked
-        entries = content_entries(echo, 0, len(echo), 0, self.names, False, tracked) \
-            if with_echo else []
-        return entries + content_entries(c.out, start, end, len(echo.text.text), self.names,
-                                         True, tracked)
+        tracked = self.job.capture.tracked
+        return [e for log, a, b, shift in self._spans(c, start, end, with_echo)
+                for e in content_entries(log, a, b, shift, self.names, log is c.out, tracked)]
+
+    def _logprobs(self, c: _ChoiceState, start: int, end: int, with_echo: bool
+                  ) -> tuple[Any, Optional[list]]:
+        """The choice's `logprobs` field, and its new-format entries where they were
+        built for it (the legacy format is built from the tokens, without them)."""
+        req = self.req
+        legacy = req.logprobs_format == "legacy"
+        entries = self._entries(c, start, end, with_echo) \
+            if wants_content(req) and not legacy else None
+        spans = self._spans(c, start, end, with_echo) if legacy else []
+        return choice_logprobs(req, spans, self.names, entries), entries
 
     def _details(self, c: _ChoiceState, start: int, end: int, with_echo: bool
                  ) -> ChoiceDetails:
@@ -455,11 +472,10 @@ class _Run:
 
     def _choice(self, c: _ChoiceState) -> Choice:
         req = self.req
-        entries = self._entries(c, 0, len(c.out), True) if wants_content(req) else None
+        logprobs, entries = self._logprobs(c, 0, len(c.out), True)
         return Choice(
             index=c.index, text=self.echoes[c.prompt_index].text.text + c.text,
-            finish_reason=c.finish_reason,
-            logprobs=None if entries is None else choice_logprobs(req, entries),
+            finish_reason=c.finish_reason, logprobs=logprobs,
             raw_output=self._raw_output(c, entries),
             prompt_token_ids=list(self.job.prompts[c.prompt_index]) if req.return_token_ids
             else None,
@@ -477,10 +493,9 @@ class _Run:
             text[c.streamed_text:upto]
         start, end = c.streamed_tokens, len(c.out)
         c.streamed_text, c.streamed_tokens = max(upto, c.streamed_text), end
-        entries = self._entries(c, start, end, first) if wants_content(req) else None
         choice = Choice(
             index=c.index, text=delta, finish_reason=c.finish_reason,
-            logprobs=None if entries is None else choice_logprobs(req, entries),
+            logprobs=self._logprobs(c, start, end, first)[0],
             raw_output=self._raw_output(c) if c.finish_reason else None,
             prompt_token_ids=list(self.job.prompts[c.prompt_index])
             if req.return_token_ids and first else None,

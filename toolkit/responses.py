@@ -160,27 +160,38 @@ def speculation_metrics(job: Job, logs: list[TokenLog]) -> dict[str, Any]:
     return out
 
 
-def legacy_logprobs(entries: list[LogprobsContent]) -> LegacyLogprobs:
-    """The legacy format: alternatives as {token: logprob}, the chosen token always among
-    them; the first prompt token (no context) has nulls."""
-    tops: list[Optional[dict[str, float]]] = []
-    for e in entries:
-        if e.logprob is None:
-            tops.append(None)
-            continue
-        top = {t.token: t.logprob for t in e.top_logprobs or []}
-        top.setdefault(e.token, e.logprob)
-        tops.append(top)
-    return LegacyLogprobs(tokens=[e.token for e in entries],
-                          token_logprobs=[e.logprob for e in entries], top_logprobs=tops,
-                          text_offset=[e.text_offset for e in entries],
-                          token_ids=[e.token_id for e in entries])
+def legacy_logprobs(spans: list[tuple[TokenLog, int, int, int]], names: TokenText
+                    ) -> LegacyLogprobs:
+    """The legacy format of tokens [a, b) of each log, offsets shifted into the choice's
+    text (as `content_entries` takes them), built from the tokens without new-format
+    entries first: alternatives as {token: logprob}, the chosen token always among them;
+    the first prompt token (no context) has nulls."""
+    tokens, logprobs, tops, offsets, ids = [], [], [], [], []
+    for log, start, end, shift in spans:
+        for k in range(start, end):
+            t = log.tokens[k]
+            name = names(t.id)
+            tokens.append(name)
+            logprobs.append(t.logprob)
+            offsets.append(log.offsets[k] + shift)
+            ids.append(t.id)
+            if t.logprob is None:
+                tops.append(None)
+                continue
+            top = {names(i): lp for i, lp in zip(t.top_ids, t.top_logprobs)}
+            top.setdefault(name, t.logprob)
+            tops.append(top)
+    return LegacyLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops,
+                          text_offset=offsets, token_ids=ids)
 
 
-def choice_logprobs(req: CompletionRequest, entries: list[LogprobsContent]) -> Any:
+def choice_logprobs(req: CompletionRequest, spans: list[tuple[TokenLog, int, int, int]],
+                    names: TokenText, entries: Optional[list[LogprobsContent]]) -> Any:
+    """A choice's `logprobs`: the legacy format from the tokens of `spans`, the new one
+    from their `entries` (None: no logprobs)."""
     if req.logprobs_format == "legacy":
-        return legacy_logprobs(entries)
-    return NewLogprobs(content=entries)
+        return legacy_logprobs(spans, names)
+    return None if entries is None else NewLogprobs(content=entries)
 
 
 def wants_content(req: CompletionRequest) -> bool:
