@@ -30,10 +30,9 @@ from .engine.sequence import Job
 from .engine.text import StopStrings
 from .errors import InvalidRequestError, brief
 from .frames import ChoiceDetails
-from .responses import (LocalChunk, LocalCompletion, TokenText, choice_logprobs,
-                        content_entries, details, perf_metrics, raw_output, usage,
-                        wants_content)
-from .schema import Choice, CompletionRequest, field_docs, validate_request
+from .responses import (LocalChunk, LocalCompletion, TokenText, content_entries, details,
+                        legacy_logprobs, perf_metrics, raw_output, usage, wants_content)
+from .schema import Choice, CompletionRequest, NewLogprobs, field_docs, validate_request
 
 if TYPE_CHECKING:
     from .llm import LLM
@@ -445,17 +444,15 @@ class _Run:
                   ) -> tuple[Any, Optional[list]]:
         """The choice's `logprobs` field, and its new-format entries where they were
         built for it (the legacy format is built from the tokens, without them)."""
-        req = self.req
-        legacy = req.logprobs_format == "legacy"
-        entries = self._entries(c, start, end, with_echo) \
-            if wants_content(req) and not legacy else None
-        spans = self._spans(c, start, end, with_echo) if legacy else []
-        return choice_logprobs(req, spans, self.names, entries), entries
+        if self.req.logprobs_format == "legacy":
+            return legacy_logprobs(self._spans(c, start, end, with_echo), self.names), None
+        entries = self._entries(c, start, end, with_echo) if wants_content(self.req) else None
+        return (None if entries is None else NewLogprobs(content=entries)), entries
 
     def _details(self, c: _ChoiceState, start: int, end: int, with_echo: bool
                  ) -> ChoiceDetails:
         echo, prompt = self.echoes[c.prompt_index], self.job.prompts[c.prompt_index]
-        logs = ([(echo, 0, len(echo))] if with_echo else []) + [(c.out, start, end)]
+        logs = [(log, a, b) for log, a, b, _ in self._spans(c, start, end, with_echo)]
         first = len(prompt) - len(echo) if with_echo else len(prompt) + start
         return details(c.prompt_index, len(prompt), logs, first, self.names,
                        self.job.capture.layers, self.llm.info.num_layers)

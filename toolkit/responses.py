@@ -185,15 +185,6 @@ def legacy_logprobs(spans: list[tuple[TokenLog, int, int, int]], names: TokenTex
                           text_offset=offsets, token_ids=ids)
 
 
-def choice_logprobs(req: CompletionRequest, spans: list[tuple[TokenLog, int, int, int]],
-                    names: TokenText, entries: Optional[list[LogprobsContent]]) -> Any:
-    """A choice's `logprobs`: the legacy format from the tokens of `spans`, the new one
-    from their `entries` (None: no logprobs)."""
-    if req.logprobs_format == "legacy":
-        return legacy_logprobs(spans, names)
-    return None if entries is None else NewLogprobs(content=entries)
-
-
 def wants_content(req: CompletionRequest) -> bool:
     """Per-token entries are built when logprobs or captures ask for them; captures alone
     come back in the new format, the only one with room for them."""

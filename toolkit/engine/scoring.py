@@ -65,20 +65,18 @@ def score_chosen(pieces: list[bytes], device: torch.device, capture: Capture,
     as the host has them. Without captures, the tokens are their ids alone: nothing goes
     to the device."""
     picks = sorted((j, r) for r in chosen for j in chosen[r])
+    picked_ids = [ids[j][r] for j, r in picks]
+    if not capture.any or not picks:
+        new = [Token(t, pieces[t]) for t in picked_ids]
+    else:
+        width = picks[-1][0] + 1
+        js, rs = to_device(picks, device).T
+        pick = lambda ts: ts[0][rs] if width == 1 else torch.stack(ts[:width])[js, rs]
+        fwd = (columns[0][1].select(rs) if width == 1 else
+               stack([c[1] for c in columns[:width]]).select((js, rs)))
+        new = score(pieces, capture, pick([c[0] for c in columns]),
+                    pick([d[0] for d in drawn]), pick([d[1] for d in drawn]), fwd, picked_ids)
     out: dict[int, dict[int, Token]] = {r: {} for r in chosen}
-    if not capture.any:
-        for j, r in picks:
-            out[r][j] = Token(ids[j][r], pieces[ids[j][r]])
-        return out
-    if not picks:
-        return out
-    width = picks[-1][0] + 1
-    js, rs = to_device(picks, device).T
-    pick = lambda ts: ts[0][rs] if width == 1 else torch.stack(ts[:width])[js, rs]
-    fwd = (columns[0][1].select(rs) if width == 1 else
-           stack([c[1] for c in columns[:width]]).select((js, rs)))
-    new = score(pieces, capture, pick([c[0] for c in columns]), pick([d[0] for d in drawn]),
-                      pick([d[1] for d in drawn]), fwd, [ids[j][r] for j, r in picks])
     for (j, r), token in zip(picks, new):
         out[r][j] = token
     return out
