@@ -15,6 +15,7 @@ import torch
 
 import toolkit as tk
 from toolkit.engine.graphs import MIN_CAPACITY, GraphStep, bucket
+from toolkit.engine.transfer import ToHost
 
 PROMPTS = ["def parse(line):\n", "import os\nimport sys\n\n"]
 
@@ -158,19 +159,36 @@ KNOBS = [dict(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.5,
          dict(temperature=0)]
 
 
+def finishes(resp) -> set[str]:
+    """How a response's choices ended: by a stop string, an EOS, or their length."""
+    return {"length" if c.finish_reason == "length" else
+            "stop string" if c.text != c.raw_output.completion else "eos"
+            for c in resp.choices}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["walked", "overlapped"])
 @pytest.mark.parametrize("knobs", KNOBS)
-def test_drawing_ahead_changes_nothing(llm, knobs):
+def test_drawing_ahead_changes_nothing(llm, knobs, overlap):
     """Tokens drawn several steps ahead of the host are those drawn one step at a time,
-    whatever the knobs, stop strings, EOS and per-prompt lengths do to the rows in the
-    middle of a run; streaming included."""
+    whatever stop strings and EOS do to rows in the middle of a run (both happen here:
+    EOS is made likelier, and the stop strings are taken from the output); streaming
+    included. Also when each run is queued before the host walks the one before it
+    (`overlap`, a GPU's default), where a row that met a stop string draws a whole run
+    more."""
     decoder = llm.engine.decoder
-    kw = dict(prompt=PROMPTS, n=2, max_tokens=30, seed=7, logprobs=True, top_logprobs=2,
-              stop=["\n\n", "return"], activation_layers=[0], **knobs)
-    before = decoder.chunk
+    eos = llm.info.eos_token_ids[0]
+    knobs = {**knobs, "logit_bias": {**knobs.get("logit_bias", {}), eos: 3.0}}
+    kw = dict(prompt=PROMPTS, n=3, max_tokens=30, seed=7, logprobs=True, top_logprobs=2,
+              activation_layers=[0], raw_output=True, **knobs)
+    before = decoder.chunk, decoder.overlap
     try:
-        decoder.chunk = 1
+        decoder.chunk, decoder.overlap = 1, False
+        plain = llm.completions.create(**kw)
+        kw["stop"] = [c.text[10:13] for c in plain.choices if len(c.text) > 14][:2]
         one = llm.completions.create(**kw)
-        for chunk in (3, 8):
+        assert {"stop string", "eos"} <= finishes(one)
+        decoder.overlap = overlap
+        for chunk in (1, 3, 8):
             decoder.chunk = chunk
             ahead = llm.completions.create(**kw)
             # (equal up to float noise: an eager batch attends over its longest row, and
@@ -184,7 +202,31 @@ def test_drawing_ahead_changes_nothing(llm, knobs):
                 text[c.index] = text.get(c.index, "") + c.text
         assert [text[i] for i in range(len(one.choices))] == [c.text for c in one.choices]
     finally:
-        decoder.chunk = before
+        decoder.chunk, decoder.overlap = before
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["walked", "overlapped"])
+def test_each_run_is_queued_before_the_host_walks_the_one_before(llm, monkeypatch, overlap):
+    """With `overlap`, the device always has the next run of steps queued while the host
+    walks one (runs of 1, 2, 4, 8 steps, then 8 until the length: 30 tokens here), and no
+    run is queued past the rows' lengths; without it, draws and walks alternate."""
+    decoder, events = llm.engine.decoder, []          # a run's steps when drawn; walks
+    draw, walk = type(decoder)._draw, type(decoder)._walk_run
+
+    def drawn(*args, **kw):
+        run = draw(decoder, *args, **kw)
+        events.append(run.steps)
+        return run
+
+    monkeypatch.setattr(decoder, "overlap", overlap)
+    monkeypatch.setattr(decoder, "_draw", drawn)
+    monkeypatch.setattr(decoder, "_walk_run", lambda *a: events.append("walk") or
+                        walk(decoder, *a))
+    llm.completions.create(prompt=PROMPTS[0], n=2, max_tokens=30, ignore_eos=True,
+                           temperature=0.7, seed=1)
+    assert events == ([1, 2, "walk", 4, "walk", 8, "walk", 8, "walk", 7, "walk", "walk"]
+                      if overlap else
+                      [1, "walk", 2, "walk", 4, "walk", 8, "walk", 8, "walk", 7, "walk"])
 
 
 def test_speculation_runs_on_the_graph_step(llama_dir):
@@ -199,15 +241,23 @@ def test_speculation_runs_on_the_graph_step(llama_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
-def test_decoding_waits_for_the_device_once_per_run_of_steps(llama_dir):
+def test_decoding_waits_for_the_device_once_per_run_of_steps(llama_dir, monkeypatch):
     """No host synchronisation per token: with logprobs, top-5 and activations, the host
-    waits for the GPU a few times per run of 8 steps. (Counted as the difference between
-    a long and a short request, so what a request waits for once is left out.)"""
+    waits for the GPU once per run of 8 steps, and then only for that run's results (an
+    event after their copies), never for the whole queue, which holds the next run.
+    (Counted as the difference between a long and a short request, so what a request
+    waits for once is left out.)"""
     llm = tk.load(llama_dir)
+    assert llm.engine.decoder.overlap
     kw = dict(prompt=PROMPTS[0], ignore_eos=True, temperature=0.8, seed=1, logprobs=True,
               top_logprobs=5, include_last_activation=True)
+    waits = []
+    real_get = ToHost.get
+    monkeypatch.setattr(ToHost, "get", lambda self: waits.append(self) or real_get(self))
 
-    def syncs(max_tokens: int) -> list:
+    def syncs(max_tokens: int) -> tuple[int, int]:
+        """(waits for the whole queue, waits for a run's results)"""
+        waits.clear()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -215,13 +265,14 @@ def test_decoding_waits_for_the_device_once_per_run_of_steps(llama_dir):
                 llm.completions.create(**kw, max_tokens=max_tokens)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return [w for w in seen if "synchroniz" in str(w.message)]
+        queue = [w for w in seen if "synchroniz" in str(w.message)]
+        return len(queue), len({id(w) for w in waits})
 
     syncs(96)                                             # graphs captured
-    short, long = syncs(16), syncs(96)
+    (queue_short, runs_short), (queue_long, runs_long) = syncs(16), syncs(96)
     runs = (96 - 16) // llm.engine.decoder.chunk
-    assert 0 < len(long) - len(short) <= 4 * runs, \
-        sorted({f"{w.filename}:{w.lineno}" for w in long})
+    assert queue_long == queue_short
+    assert runs <= runs_long - runs_short <= runs + 1
 
 
 def test_a_step_that_cannot_be_captured_decodes_eagerly(llama_dir):

@@ -7,7 +7,14 @@ gives a column of logits per fed token; the *walk* then emits from the columns i
 moving to the next column only while the row's token equals its guess there. Without
 guesses a step is plain decoding: one column, one token per row.
 
-`Decoder.run(job)` is a generator of `Update`s, one after the prefill and one per step, so
+Plain decoding draws runs of steps on the device without waiting for it (`_draw`: each
+step's tokens fed to the next there, EOS and lengths checked there), then the host walks
+the run: stop strings, text, the tokens' records. With `overlap` (on a GPU), the next run
+is queued before the host walks this one, so the device computes while the host works; a
+row that meets a stop string in the run being walked has drawn one run too many, which the
+next walk skips (as a walk skips a run's tokens after a stop string).
+
+`Decoder.run(job)` is a generator of `Update`s, one after the prefill and one per walk, so
 the engine can interleave the steps of several jobs. Everything a job allocates
 (KV cache, sampler state) lives in the generator's frame: closing it frees the job. Only
 the prefix cache outlives a job, and it only ever holds complete prompt blocks.
@@ -30,7 +37,7 @@ from .outputs import RowUpdate, Token, Update, Verify
 from .prefix_cache import PrefixCache
 from .reasoning import Thinking
 from .runner import Forward, MovesKV, Runner, concat
-from .scoring import guess_logprobs, score_chosen, score_echo
+from .scoring import Scores, guess_logprobs, score_chosen, score_echo
 from .sampler import Sampler
 from .sequence import Job, Sequence
 from .speculation import (DEFAULT_TOKENS, DraftProposer, NgramProposer, PredictionProposer,
@@ -55,13 +62,24 @@ class _Loop:
     thinking: Optional[Thinking] = None         # think blocks, for models that have them
 
 
+@dataclass
+class _Draw:
+    """A run of plain decoding steps queued on the device, and what the host reads of it."""
+
+    steps: int
+    scores: Scores                  # the tokens drawn, [steps * rows], and their records
+    active: torch.Tensor            # the rows still drawing after the last step
+    next: Optional[tuple[torch.Tensor, Forward]] = None   # its tokens' column, if fed
+
+
 class Decoder:
     def __init__(self, runner: Runner, pieces: list[bytes], prefix_cache: PrefixCache,
                  device: torch.device, context: int, grammars: Grammars,
                  think: Optional[tuple[int, int]] = None, draft: Optional[Runner] = None,
                  ngram: bool = False, speculative_tokens: Optional[int] = None,
-                 chunk: int = 1) -> None:
+                 chunk: int = 1, overlap: bool = False) -> None:
         self.runner = runner
+        self.overlap = overlap              # queue a run before walking the one before it
         self.grammars = grammars
         self.think = think                  # the model's think tokens (start, end)
         self.chunk = chunk                  # plain decoding steps drawn between host syncs
@@ -103,6 +121,8 @@ class Decoder:
         yield Update(tuple(RowUpdate(s.index, finish_reason=s.finish_reason)
                            for s in seqs if s.finished), dict(timings), tuple(echoes),
                      tuple(cached), done)
+        if done:
+            return
 
         sampler = Sampler(job.params, job.row_prompts, job.seeds, logits.shape[-1],
                           self.device)
@@ -113,25 +133,142 @@ class Decoder:
                      self.grammars.constraint(job.grammar, rows, self.device),
                      None if self.think is None else
                      Thinking(job.row_prompts, self.think, job.think_budget))
-        columns, proposal = [(logits, fwd)], None
-        # Steps drawn per walk in plain decoding: 1, 2, 4, .. up to `chunk`, so the first
-        # token comes at once. A proposer guesses from each step's tokens, and a grammar
-        # or a thinking budget masks each step by the tokens before it: 1 step.
-        one_at_a_time = (loop.proposer is not None or loop.constraint is not None
-                         or job.think_budget is not None)
-        ahead = 1
-        while not done:
-            changed = self._walk(loop, columns, proposal, ahead)
-            ahead = 1 if one_at_a_time else min(2 * ahead, self.chunk)
+        steps = (self._plain(loop, (logits, fwd)) if loop.proposer is None
+                 else self._speculative(loop, (logits, fwd)))
+        for changed in steps:
             timings.setdefault("first_token", time.perf_counter())
             done = all(s.finished for s in seqs)
             if done:
                 timings["end"] = time.perf_counter()
             yield Update(changed, dict(timings), done=done)
-            if not done:
-                columns, proposal = self._feed(loop)
 
-    # ------------------------------------------------------------------- a step, and a walk
+    # --------------------------------------------------------- plain decoding: runs of steps
+
+    def _plain(self, loop: _Loop, first: tuple[torch.Tensor, Forward]
+               ) -> Iterator[tuple[RowUpdate, ...]]:
+        """Plain decoding, one walk per run of steps: runs of 1, 2, 4 .. `chunk` steps,
+        so the first token comes at once. A grammar or a thinking budget masks each step
+        by the tokens before it: runs of 1, never queued ahead of the walk."""
+        masked = loop.constraint is not None or loop.job.think_budget is not None
+        overlap = self.overlap and not masked
+        ahead = 1
+        run = self._draw(loop, first, ahead, feed_last=overlap)
+        while True:
+            ahead = 1 if masked else min(2 * ahead, self.chunk)
+            queued = None
+            if run.next is not None and max(self._left(loop, run.steps)) > 0:
+                queued = self._draw(loop, run.next, ahead, run.active, behind=run.steps,
+                                    feed_last=True)
+            yield self._walk_run(loop, run)
+            if all(s.finished for s in loop.seqs):
+                return
+            run = queued or self._draw(loop, self._feed(loop)[0][0], ahead,
+                                       feed_last=overlap)
+
+    def _left(self, loop: _Loop, behind: int = 0) -> list[int]:
+        """Tokens each row may still draw, `behind` steps after those walked."""
+        return [0 if s.finished else max(s.max_new - s.generated - behind, 0)
+                for s in loop.seqs]
+
+    def _draw(self, loop: _Loop, first: tuple[torch.Tensor, Forward], steps: int,
+              active: Optional[torch.Tensor] = None, behind: int = 0,
+              feed_last: bool = False) -> _Draw:
+        """Queue up to `steps` steps of plain decoding from the column `first` without
+        waiting for the device: each step's tokens are fed to the next on the device, and
+        a row stops drawing there once it drew an EOS or reached its length. Stop strings
+        are only seen when the host walks the tokens: a row that met one drew a few tokens
+        too many, which the walk drops. `behind` steps were drawn before these and not yet
+        walked (`active`: the rows still drawing after them). With `feed_last`, the last
+        step's tokens are fed too, and their column can start the next run."""
+        job, seqs, sampler, scoring = loop.job, loop.seqs, loop.sampler, loop.scoring
+        left = self._left(loop, behind)
+        steps = max(1, min(steps, max(left)))
+        eos = None if job.ignore_eos or not job.eos_ids else to_device(
+            sorted(job.eos_ids), self.device)
+        alive = to_device([[j < n for n in left] for j in range(steps + 1)], self.device)
+        active = alive[0] if active is None else active & alive[0]
+        allowed = self._allowed(loop, [r for r, n in enumerate(left) if n])
+        columns, drawn, column = [], [], first
+        for j in range(steps):
+            tokens, sampling_lp = sampler.sample(column[0], active, allowed=allowed)
+            sampler.update(tokens, active)
+            columns.append(column)
+            drawn.append((tokens, sampling_lp))
+            if eos is not None:
+                active = active & ~(tokens[:, None] == eos).any(-1)
+            active = active & alive[j + 1]
+            column = None
+            if (j == steps - 1 and not feed_last) or (
+                    self.device.type == "cpu" and not active.any()):
+                break   # (a CPU has the answer at once; a GPU would have to stop and wait)
+            # each row feeds the token just drawn (at its position: `scoring` is that of
+            # the first token drawn after the walked ones); one past its length feeds
+            # again at its last position, a finished row at its pending one, and what
+            # they compute is dropped
+            at = [p + behind + min(j, n - 1) if n else p - 1 for p, n in zip(scoring, left)]
+            fwd = self.runner.decode(loop.state, tokens, at, active, job.capture.layers)
+            column = (fwd.logits, fwd)
+        return _Draw(len(drawn), Scores.of_run(job.capture, columns, drawn), active, column)
+
+    def _walk_run(self, loop: _Loop, run: _Draw) -> tuple[RowUpdate, ...]:
+        """Emit a run's tokens: each unfinished row takes one from each step until it
+        finishes. What is recorded of the tokens was computed when they were drawn."""
+        seqs, rows = loop.seqs, len(loop.seqs)
+        ids = run.scores.ids()
+        chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
+        thought: set[tuple[int, int]] = set()
+        going = set(chosen)
+        for j in range(run.steps):
+            for r in sorted(going):
+                kept = self._take(loop, r, ids[j * rows + r])
+                if kept is not None:
+                    chosen[r].append(j)
+                    if kept:
+                        thought.add((j, r))
+                if seqs[r].finished:
+                    going.discard(r)
+        picks = [(r, j) for r in chosen for j in chosen[r]]
+        tokens = run.scores.tokens(self.pieces, [j * rows + r for r, j in picks])
+        scored: dict[int, dict[int, Token]] = {r: {} for r in chosen}
+        for (r, j), token in zip(picks, tokens):
+            scored[r][j] = (dataclasses.replace(token, reasoning=True) if (j, r) in thought
+                            else token)
+        return self._updates(loop, chosen, scored)
+
+    def _take(self, loop: _Loop, r: int, token: int) -> Optional[bool]:
+        """Add a drawn token to row r. None: it is not part of the choice (an EOS that
+        finished the row); else whether it is reasoning (in a think block). A row whose
+        grammar is complete finishes here."""
+        s, constraint = loop.seqs[r], loop.constraint
+        if not self._append(loop.job, s, loop.stops, token):
+            return None
+        if loop.thinking is not None and loop.thinking.take(r, token):
+            return True
+        if constraint is not None and constraint.advance(r, token) and not s.finished:
+            s.finish_reason = "stop"
+        return False
+
+    def _updates(self, loop: _Loop, chosen: dict[int, list[int]],
+                 scored: dict[int, dict[int, Token]]) -> tuple[RowUpdate, ...]:
+        """Each walked row's new tokens (by column) and finish; its scoring moves on."""
+        seqs = loop.seqs
+        for r in chosen:
+            loop.scoring[r] += len(chosen[r])
+        return tuple(RowUpdate(r, tuple(scored[r][j] for j in chosen[r]),
+                               seqs[r].finish_reason, seqs[r].stop_at) for r in chosen)
+
+    # ------------------------------------------------------------------- speculative steps
+
+    def _speculative(self, loop: _Loop, first: tuple[torch.Tensor, Forward]
+                     ) -> Iterator[tuple[RowUpdate, ...]]:
+        """Decoding with a proposer: one walk per step, each step's guesses made from the
+        tokens before it (the first token, before any guess, drawn plainly)."""
+        columns, proposal = [first], None
+        while True:
+            yield self._walk(loop, columns, proposal)
+            if all(s.finished for s in loop.seqs):
+                return
+            columns, proposal = self._feed(loop)
 
     def _feed(self, loop: _Loop
               ) -> tuple[list[tuple[torch.Tensor, Forward]], Optional[Proposal]]:
@@ -166,47 +303,37 @@ class Decoder:
         return [(fwd.logits[:, j], fwd.column(j)) for j in range(width + 1)], proposal
 
     def _walk(self, loop: _Loop, columns: list[tuple[torch.Tensor, Forward]],
-              proposal: Optional[Proposal], ahead: int) -> tuple[RowUpdate, ...]:
-        """Emit tokens from the columns: every unfinished row takes a token from the first;
-        a row whose token equals its guess for that column takes one from the next too,
-        and so on. So each row emits its accepted guesses and one token more: with guesses
-        from a prediction or n-grams, the very tokens plain decoding draws from those logits
-        with those random numbers; with a draft's, tokens of the same distribution (the
-        sampler's accept rule). The step's record goes on its last token. Without
-        guesses, the tokens of `ahead` steps are drawn on the device first
-        (`_draw_ahead`) and a row takes one from each column until it finishes.
+              proposal: Optional[Proposal]) -> tuple[RowUpdate, ...]:
+        """Emit tokens from the columns of a speculative step: every unfinished row takes
+        a token from the first; a row whose token equals its guess for that column takes
+        one from the next too, and so on. So each row emits its accepted guesses and one
+        token more: with guesses from a prediction or n-grams, the very tokens plain
+        decoding draws from those logits with those random numbers; with a draft's,
+        tokens of the same distribution (the sampler's accept rule). The step's record
+        goes on its last token.
 
         Choosing is column by column (the sampler's state moves with each token); what is
-        recorded of the chosen tokens (`scoring`) is computed once for the whole walk. With
-        a grammar, each token is drawn under the mask of the row's tokens before it, and a
-        row whose grammar is complete ends there; tokens in a think block are reasoning,
-        and the grammar starts after the block."""
-        job, seqs, scoring, constraint = loop.job, loop.seqs, loop.scoring, loop.constraint
+        recorded of the chosen tokens (`scoring`) is computed once for the whole walk."""
+        job, seqs, scoring = loop.job, loop.seqs, loop.scoring
         guesses = proposal.tokens if proposal else [[] for _ in seqs]
         chosen: dict[int, list[int]] = {r: [] for r, s in enumerate(seqs) if not s.finished}
         thought: set[tuple[int, int]] = set()      # (column, row) of reasoning tokens
         going, drawn, ids = set(chosen), [], []
-        if proposal is None:
-            columns, drawn = self._draw_ahead(loop, columns[0], ahead)
-            ids = torch.stack([tokens for tokens, _ in drawn]).tolist()
         for j in range(len(columns)):
             rows = sorted(going)
             if not rows:
                 break
-            if proposal is not None:
-                tokens, sampling_lp = self._sample_column(loop, rows, columns, j, proposal)
-                drawn.append((tokens, sampling_lp))
-                ids.append(tokens.tolist())
+            tokens, sampling_lp = self._sample_column(loop, rows, columns, j, proposal)
+            drawn.append((tokens, sampling_lp))
+            ids.append(tokens.tolist())
             for r in rows:
-                s, g, token = seqs[r], guesses[r], ids[j][r]
-                if self._append(job, s, loop.stops, token):
+                g, token = guesses[r], ids[j][r]
+                kept = self._take(loop, r, token)
+                if kept is not None:
                     chosen[r].append(j)
-                    if loop.thinking is not None and loop.thinking.take(r, token):
+                    if kept:
                         thought.add((j, r))
-                    elif constraint is not None and constraint.advance(r, token) \
-                            and not s.finished:
-                        s.finish_reason = "stop"        # the grammar is complete
-                if s.finished or (proposal is not None and not (j < len(g) and token == g[j])):
+                if seqs[r].finished or not (j < len(g) and token == g[j]):
                     going.discard(r)
         scored = score_chosen(self.pieces, self.device, job.capture, columns, drawn, ids,
                               chosen)
@@ -226,13 +353,11 @@ class Decoder:
                     accepted < len(chosen[r]) and last < len(g),
                     tuple(target_lp[r][:len(g)]) if target_lp else (),
                     tuple(proposal.draft_logprobs[r]) if proposal.draft_logprobs else ()))
-            scoring[r] += len(chosen[r])
-        return tuple(RowUpdate(r, tuple(scored[r][j] for j in chosen[r]),
-                               seqs[r].finish_reason, seqs[r].stop_at) for r in chosen)
+        return self._updates(loop, chosen, scored)
 
     def _sample_column(self, loop: _Loop, rows: list[int],
                        columns: list[tuple[torch.Tensor, Forward]], j: int,
-                       proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+                       proposal: Optional[Proposal]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens for the rows still walking at column j of a speculative step."""
         sampler = loop.sampler
         active = torch.zeros(len(loop.seqs), dtype=torch.bool, device=self.device)
@@ -265,44 +390,6 @@ class Decoder:
             mask[index] = False
             mask[index, thinking.end] = True
         return mask
-
-    def _draw_ahead(self, loop: _Loop, first: tuple[torch.Tensor, Forward], ahead: int
-                    ) -> tuple[list[tuple[torch.Tensor, Forward]],
-                               list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Draw each row's tokens for up to `ahead` steps without waiting for the device:
-        each step's tokens are fed to the next on the device, and a row stops drawing
-        there once it drew an EOS or reached its length. Stop strings are only seen when
-        the host walks the tokens: a row that met one drew a few tokens too many, which
-        the walk drops. Returns the columns (logits, forward) and draws (tokens, sampling
-        logprobs) of each step. (With a grammar, `ahead` is 1: a mask needs the tokens
-        before it.)"""
-        job, seqs, sampler, scoring = loop.job, loop.seqs, loop.sampler, loop.scoring
-        left = [0 if s.finished else s.max_new - s.generated for s in seqs]
-        steps = max(1, min(ahead, max(left)))
-        eos = None if job.ignore_eos or not job.eos_ids else to_device(
-            sorted(job.eos_ids), self.device)
-        alive = to_device([[j < n for n in left] for j in range(steps)], self.device)
-        active = alive[0]
-        columns, drawn = [first], []
-        allowed = self._allowed(loop, [r for r, n in enumerate(left) if n])
-        for j in range(steps):
-            tokens, sampling_lp = sampler.sample(columns[j][0], active, allowed=allowed)
-            sampler.update(tokens, active)
-            drawn.append((tokens, sampling_lp))
-            if j == steps - 1:
-                break
-            if eos is not None:
-                active = active & ~(tokens[:, None] == eos).any(-1)
-            active = active & alive[j + 1]
-            if self.device.type == "cpu" and not active.any():
-                break       # (a CPU has the answer at once; a GPU would have to stop and wait)
-            # each row feeds the token just drawn; one past its length (or finished)
-            # feeds again at its last position, and what it computes is dropped
-            at = [scoring[r] + min(j, n - 1) if n else scoring[r] - 1
-                  for r, n in enumerate(left)]
-            fwd = self.runner.decode(loop.state, tokens, at, active, job.capture.layers)
-            columns.append((fwd.logits, fwd))
-        return columns, drawn
 
     def _proposer(self, job: Job, sampler: Sampler, vocab_size: int) -> Any:
         """What guesses this job's tokens: its prediction, else the engine's draft model

@@ -106,9 +106,14 @@ class Engine:
             keep_freed_memory()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.grammars = Grammars(tokenizer, info.vocab_size)
+        # On a GPU, each run of steps is queued before the host walks the run before it,
+        # so the host's work per token (text, stop strings, records, response objects)
+        # overlaps the device's. Not on a CPU, whose cores the host and the "device" share:
+        # there it would only compute a run too many for rows that met a stop string.
         self.decoder = Decoder(self.runner, self.pieces, self.prefix_cache, self.device,
                                info.context_length, self.grammars, info.think_token_ids,
-                               self.draft, ngram, speculative_tokens, chunk=DRAW_AHEAD)
+                               self.draft, ngram, speculative_tokens, chunk=DRAW_AHEAD,
+                               overlap=self.device.type == "cuda")
         self._stepping = threading.Lock()     # held by the thread running a round
         self._cv = threading.Condition(threading.RLock())   # guards the lists below
         self._live: list[tuple[Handle, Iterator[Update]]] = []
