@@ -319,6 +319,7 @@ class _ChoiceState:
     index: int
     prompt_index: int
     out: TokenLog = field(default_factory=TokenLog)
+    entries: list = field(default_factory=list)   # new-format entries of `out`'s tokens
     finish_reason: Optional[str] = None
     stop_at: Optional[int] = None         # where a stop string begins in the text
     opened: bool = False                  # has had its first chunk
@@ -363,6 +364,12 @@ class _Run:
         self.stops = StopStrings(req.stop_sequences)
         self.choices = [_ChoiceState(r, r // job.n) for r in range(job.rows)]
         self.echoes = [TokenLog() for _ in job.prompts]
+        # New-format entries are built as the tokens arrive, once, for whole responses,
+        # chunks and raw output alike (on a GPU, while the engine computes the next
+        # steps); the legacy format needs them only for raw output.
+        self.builds_entries = wants_content(req) and (req.logprobs_format != "legacy"
+                                                      or bool(req.raw_output))
+        self.echo_entries: list[list] = [[] for _ in job.prompts]
         self.cached = [0] * len(job.prompts)
         self.timings: dict[str, float] = {}
         self.concurrent = 1
@@ -377,14 +384,21 @@ class _Run:
                 for token in tokens:
                     log.add(token)
                 log.text.finish()
+            if self.builds_entries:
+                self.echo_entries = [self._new_entries(log, 0, 0) for log in self.echoes]
             self.cached = list(update.cached_tokens[part * prompts:(part + 1) * prompts])
         changed = []
         for row in update.rows:
             if not part * rows <= row.index < (part + 1) * rows:
                 continue
             c = self.choices[row.index - part * rows]
+            before = len(c.out)
             for token in row.tokens:
                 c.out.add(token)
+            if self.builds_entries:
+                # (offsets count the echoed text, which comes first in the choice's text)
+                c.entries += self._new_entries(
+                    c.out, before, len(self.echoes[c.prompt_index].text.text), True)
             if row.finish_reason is not None:
                 c.finish_reason, c.stop_at = row.finish_reason, row.stop_at
                 c.out.text.finish()
@@ -435,19 +449,28 @@ class _Run:
         return ([(echo, 0, len(echo), 0)] if with_echo else []) + \
             [(c.out, start, end, len(echo.text.text))]
 
-    def _entries(self, c: _ChoiceState, start: int, end: int, with_echo: bool) -> list:
-        tracked = self.job.capture.tracked
-        return [e for log, a, b, shift in self._spans(c, start, end, with_echo)
-                for e in content_entries(log, a, b, shift, self.names, log is c.out, tracked)]
+    def _new_entries(self, log: TokenLog, start: int, shift: int, generated: bool = False
+                     ) -> list:
+        """New-format entries of a log's tokens from `start` on, offsets shifted by
+        `shift`; sampling logprobs only for `generated` tokens."""
+        return content_entries(log, start, len(log), shift, self.names, generated,
+                               self.job.capture.tracked)
 
-    def _logprobs(self, c: _ChoiceState, start: int, end: int, with_echo: bool
-                  ) -> tuple[Any, Optional[list]]:
-        """The choice's `logprobs` field, and its new-format entries where they were
-        built for it (the legacy format is built from the tokens, without them)."""
+    def _entries(self, c: _ChoiceState, start: int, end: int, with_echo: bool
+                 ) -> Optional[list]:
+        """The new-format entries of the choice's tokens [start, end), after its echoed
+        prompt's `with_echo`; None where the request wants none."""
+        if not self.builds_entries:
+            return None
+        return (self.echo_entries[c.prompt_index] if with_echo else []) + \
+            c.entries[start:end]
+
+    def _logprobs(self, c: _ChoiceState, start: int, end: int, with_echo: bool) -> Any:
+        """The choice's `logprobs` field (the legacy format is built from the tokens)."""
         if self.req.logprobs_format == "legacy":
-            return legacy_logprobs(self._spans(c, start, end, with_echo), self.names), None
-        entries = self._entries(c, start, end, with_echo) if wants_content(self.req) else None
-        return (None if entries is None else NewLogprobs(content=entries)), entries
+            return legacy_logprobs(self._spans(c, start, end, with_echo), self.names)
+        entries = self._entries(c, start, end, with_echo)
+        return None if entries is None else NewLogprobs(content=entries)
 
     def _details(self, c: _ChoiceState, start: int, end: int, with_echo: bool
                  ) -> ChoiceDetails:
@@ -457,23 +480,20 @@ class _Run:
         return details(c.prompt_index, len(prompt), logs, first, self.names,
                        self.job.capture.layers, self.llm.info.num_layers)
 
-    def _raw_output(self, c: _ChoiceState, entries: Optional[list] = None) -> Any:
-        """The choice's raw output when asked for; `entries` are its whole content
-        entries when the caller has them already (built here otherwise)."""
+    def _raw_output(self, c: _ChoiceState) -> Any:
+        """The choice's raw output when asked for."""
         if not self.req.raw_output:
             return None
-        if entries is None and wants_content(self.req):
-            entries = self._entries(c, 0, len(c.out), True)
+        entries = self._entries(c, 0, len(c.out), True)
         return raw_output(self.req, self.job, c.prompt_index, c.out,
                           self.echoes[c.prompt_index], entries)
 
     def _choice(self, c: _ChoiceState) -> Choice:
         req = self.req
-        logprobs, entries = self._logprobs(c, 0, len(c.out), True)
         return Choice(
             index=c.index, text=self.echoes[c.prompt_index].text.text + c.text,
-            finish_reason=c.finish_reason, logprobs=logprobs,
-            raw_output=self._raw_output(c, entries),
+            finish_reason=c.finish_reason, logprobs=self._logprobs(c, 0, len(c.out), True),
+            raw_output=self._raw_output(c),
             prompt_token_ids=list(self.job.prompts[c.prompt_index]) if req.return_token_ids
             else None,
             token_ids=c.out.ids if req.return_token_ids else None)
@@ -492,7 +512,7 @@ class _Run:
         c.streamed_text, c.streamed_tokens = max(upto, c.streamed_text), end
         choice = Choice(
             index=c.index, text=delta, finish_reason=c.finish_reason,
-            logprobs=self._logprobs(c, start, end, first)[0],
+            logprobs=self._logprobs(c, start, end, first),
             raw_output=self._raw_output(c) if c.finish_reason else None,
             prompt_token_ids=list(self.job.prompts[c.prompt_index])
             if req.return_token_ids and first else None,
