@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything issue #12 still needs from a GPU, in one device call of under ten minutes:
-# the decode benchmark (graphs on and off, fused and not) and then the whole test suite with
-# CUDA as the default device. Results go to $OUT (or /tmp/gpu_check).
+# the decode benchmark (graphs on and off, fused and not, overlap on and off) and then the
+# whole test suite with CUDA as the default device. Results go to $OUT (or /tmp/gpu_check).
 #
 # Prepare on this side first (the GPU image lacks these packages; see the device tool's
 # README for the pip download line, platform tags included):
@@ -20,7 +20,7 @@ export PYTHONPATH=/tmp/site:$PWD
 
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 start=$SECONDS
-timeout 300 python3 benchmarks/gpu_decode.py --eager --fused --out "$out/gpu_decode.json" \
+timeout 300 python3 benchmarks/gpu_decode.py --eager --fused --walked --out "$out/gpu_decode.json" \
   > "$out/gpu_decode.log" 2>&1
 echo "benchmark: rc $? in $((SECONDS - start)) s"
 tail -n 40 "$out/gpu_decode.log"

@@ -1,6 +1,7 @@
 """Decode speed on a GPU against `transformers` `generate()`, same model and run.
 
     python benchmarks/gpu_decode.py [--tokens 128] [--repeats 3] [--small] [--eager] [--fused]
+                                    [--walked]
 
 The model is DESIGN §8's: a Llama-3.2-1B body (16 layers, 2048 wide, 32/8 heads, 8192 MLP)
 with random weights in bfloat16 and the zoo's 4k tokenizer, built from a config on the GPU
@@ -16,7 +17,9 @@ warm-up):
 - the batch-1 roofline: the weights' bytes over the measured device copy bandwidth;
 - with `--eager`, the engine's own rates again with `compile=False` (no CUDA graphs);
 - with `--fused`, again with `TOOLKIT_FUSED_GRAPHS=1` (the graphed step compiled by
-  inductor first), on both models, with the fused graph's own step time.
+  inductor first), on both models, with the fused graph's own step time;
+- with `--walked`, the engine's own rates again on the same engines with the overlap off
+  (each run of steps walked by the host before the next is queued), on both models.
 The engine is otherwise loaded as `toolkit.load` gives it: decode steps as CUDA graphs on a
 GPU.
 Writes JSON to benchmarks/results/gpu_decode.json.
@@ -84,8 +87,8 @@ def build_model(folder: Path, small: bool, device: torch.device) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
-    """Engine and generate() tokens/s for one loaded model."""
+def rates(llm: tk.LLM, tokens: int, repeats: int, generate_too: bool = True) -> dict:
+    """Engine (and generate()) tokens/s for one loaded model."""
     ids = torch.tensor([llm.tokenizer(PROMPT)["input_ids"]], device=llm.device)
     eos = llm.info.eos_token_ids[0]
 
@@ -106,11 +109,13 @@ def rates(llm: tk.LLM, tokens: int, repeats: int) -> dict:
                                    include_last_activation=True), repeats)
     out["batch1_capture_on"] = tokens / t
     out["batch1_capture_off"] = tokens / median_time(lambda: engine(temperature=0), repeats)
-    out["batch1_generate"] = tokens / median_time(generate, repeats)
+    if generate_too:
+        out["batch1_generate"] = tokens / median_time(generate, repeats)
     t = median_time(lambda: engine(n=64, temperature=1.0, logprobs=True, top_logprobs=5),
                     repeats)
     out["n64_engine"] = 64 * tokens / t
-    out["n64_generate"] = 64 * tokens / median_time(lambda: generate(64), repeats)
+    if generate_too:
+        out["n64_generate"] = 64 * tokens / median_time(lambda: generate(64), repeats)
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -153,6 +158,10 @@ def measure(result: dict, name: str, source: str, args: argparse.Namespace,
         result[name] = rates(llm, args.tokens, args.repeats)
         result[name + "_graph_step"] = graph_step(llm)
         result[name]["step"] = getattr(getattr(llm.engine.runner, "step", None), "state", None)
+        result[name]["overlap"] = llm.engine.decoder.overlap
+        if args.walked and not fused:
+            llm.engine.decoder.overlap = False
+            result[name + "_walked"] = rates(llm, args.tokens, args.repeats, generate_too=False)
     finally:
         os.environ.pop("TOOLKIT_FUSED_GRAPHS")
 
@@ -166,6 +175,8 @@ def main() -> None:
                         help="also time the engine with compile=False (no CUDA graphs)")
     parser.add_argument("--fused", action="store_true",
                         help="also time the engine with TOOLKIT_FUSED_GRAPHS=1")
+    parser.add_argument("--walked", action="store_true",
+                        help="also time the engine with the overlap off")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "gpu_decode.json")
     args = parser.parse_args()
