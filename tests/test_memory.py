@@ -25,7 +25,10 @@ def test_a_cpu_batch_reuses_the_memory_its_steps_free():
               logprobs=True, top_logprobs=5, ignore_eos=True)
     llm.completions.create(**kw)                 # the heap grows to what a request needs
     tokens = 64 * 16
-    assert faults_of(lambda: llm.completions.create(**kw)) < tokens
+    # The fewest of three requests: a one-off in one request (the first touch of some
+    # library's pages: ~1,800 faults, in about one run in ten) is not what this is about.
+    # With glibc's own thresholds each request takes ~8,000; with the engine's, ~10.
+    assert min(faults_of(lambda: llm.completions.create(**kw)) for _ in range(3)) < tokens
 
 
 def test_the_environment_tuning_malloc_is_respected(monkeypatch):
