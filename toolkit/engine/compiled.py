@@ -22,6 +22,7 @@ every batch and length.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import json
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -223,6 +225,65 @@ def _build_in_child(spec: dict, path: Path) -> None:
         running.set()
 
 
+# Threads loading a package. A daemon thread that frees a tensor while the interpreter
+# exits aborts the process ("terminate called without an active exception": the free
+# takes the GIL, which makes the thread exit through a C++ destructor), as about one
+# process in 35 did that dropped its model right after `toolkit.load`. So the thread
+# never owns the model (it holds the step by a weak reference), and at exit the loads in
+# progress are waited for and none starts. (A thread still waiting for its compile child
+# is left as it is: it frees nothing, and the child finishes on its own.)
+_loaders: set[threading.Thread] = set()
+_loaders_lock = threading.Lock()
+_exiting = False
+
+
+@atexit.register
+def _finish_loads() -> None:
+    global _exiting
+    with _loaders_lock:
+        _exiting = True
+        loading = list(_loaders)
+    for thread in loading:
+        thread.join(timeout=60)
+
+
+def _prepare(ref: "weakref.ref[CompiledStep]", spec: dict, path: Path) -> None:
+    """A step's package, built if missing, then loaded and handed to the step if it is
+    still alive. Everything after the build runs where the exit waits for it (`_loaders`):
+    what the thread frees, it frees before the interpreter goes."""
+    started = time.perf_counter()
+    error: Optional[BaseException] = None
+    if not path.exists():
+        log.info("toolkit: compiling the decode step in the background")
+        try:
+            _build_in_child(spec, path)
+            if not path.exists():
+                raise RuntimeError("the compile process wrote no package")
+        except Exception as err:
+            error = err
+    with _loaders_lock:
+        if _exiting:
+            return
+        _loaders.add(threading.current_thread())
+    try:
+        fn = None
+        if error is None:
+            try:
+                fn = torch._inductor.aoti_load_package(str(path))
+            except Exception as err:
+                error = err
+        log.info("toolkit: decode step %s in %.1f s", "unavailable" if error else "ready",
+                 time.perf_counter() - started)
+        step = ref()
+        if step is not None:
+            step.fn, step.error = fn, error
+            step._done.set()
+        del step, fn
+    finally:
+        with _loaders_lock:
+            _loaders.discard(threading.current_thread())
+
+
 class CompiledStep:
     """`_step` compiled for one `LeanModel`, ready from a package on disk or built in the
     background from construction on.
@@ -264,7 +325,8 @@ class CompiledStep:
         self.error: Optional[BaseException] = None
         self._warned = False
         self._done = threading.Event()
-        threading.Thread(target=self._prepare, name="toolkit-compile", daemon=True).start()
+        threading.Thread(target=_prepare, args=(weakref.ref(self), self.spec, self.path),
+                         name="toolkit-compile", daemon=True).start()
 
     @property
     def ready(self) -> bool:
@@ -282,21 +344,6 @@ class CompiledStep:
         """Block until the background compile has finished; returns `ready`."""
         self._done.wait(timeout)
         return self.ready
-
-    def _prepare(self) -> None:
-        started = time.perf_counter()
-        try:
-            if not self.path.exists():
-                log.info("toolkit: compiling the decode step in the background")
-                _build_in_child(self.spec, self.path)
-                if not self.path.exists():
-                    raise RuntimeError("the compile process wrote no package")
-            self.fn = torch._inductor.aoti_load_package(str(self.path))
-        except Exception as err:
-            self.error = err
-        log.info("toolkit: decode step %s in %.1f s",
-                 "unavailable" if self.error else "ready", time.perf_counter() - started)
-        self._done.set()
 
     def __call__(self, cache: KVCache, tokens: torch.Tensor, positions: Sequence[int]
                  ) -> Optional[tuple]:
