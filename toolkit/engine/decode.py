@@ -180,7 +180,7 @@ class Decoder:
         too many, which the walk drops. `behind` steps were drawn before these and not yet
         walked (`active`: the rows still drawing after them). With `feed_last`, the last
         step's tokens are fed too, and their column can start the next run."""
-        job, seqs, sampler, scoring = loop.job, loop.seqs, loop.sampler, loop.scoring
+        job, sampler, scoring = loop.job, loop.sampler, loop.scoring
         left = self._left(loop, behind)
         steps = max(1, min(steps, max(left)))
         eos = None if job.ignore_eos or not job.eos_ids else to_device(

@@ -14,10 +14,11 @@ from .transfer import ToHost, to_device
 
 class Scores:
     """What `capture` asks of N drawn tokens (ids [N], logits [N, vocab] and the forward
-    rows `fwd` that produced them; the logits are needed only if it asks for any), computed on the device as soon as they are drawn and
-    queued to the host in one transfer. Reading them (`ids`, `tokens`) waits for that
-    transfer alone: a run of decode steps is scored before the next run is queued, and
-    read while the device computes it."""
+    rows `fwd` that produced them; the logits are needed only if it asks for any),
+    computed on the device as soon as they are drawn and queued to the host in one
+    transfer. Reading them (`ids`, `tokens`) waits for that transfer alone: a run of
+    decode steps is scored before the next run is queued, and read while the device
+    computes it."""
 
     def __init__(self, capture: Capture, logits: Optional[torch.Tensor],
                  tokens: torch.Tensor, sampling_lp: Optional[torch.Tensor],
