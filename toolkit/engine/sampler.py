@@ -205,6 +205,9 @@ class Sampler:
         self.temperature = vec("temperature")
         self.greedy = self.temperature == 0
         self.all_greedy = all(p.temperature == 0 for p in params)
+        self.any_greedy = any(p.temperature == 0 for p in params)
+        # a temperature of 1 changes nothing (softmax ignores the shift): no step for it
+        self.scales = any(p.temperature not in (0, 1) for p in params)
         mirostat = [p.mirostat_target is not None for p in params]
         self.tau = torch.tensor([p.mirostat_target or 0.0 for p in params], device=device)
         self.lr = vec("mirostat_lr")
@@ -261,7 +264,8 @@ class Sampler:
             x = apply_frequency_presence(x, self.counts, self.frequency, self.presence)
         if self.all_greedy:
             return x
-        x = apply_temperature(x, self.temperature)
+        if self.scales:
+            x = apply_temperature(x, self.temperature)
         if self.uses["top_k"]:
             x = top_k_filter(x, self.top_k)
         if self.uses["top_p"]:
@@ -289,10 +293,9 @@ class Sampler:
         accepted when it equals it, with probability p(proposal), as DESIGN §3 asks.
         `allowed` masks the tokens (structured output; see `process`)."""
         x = self.process(logits, allowed)
-        argmax = x.argmax(-1)
         active = torch.ones_like(self.greedy) if active is None else active
         if self.all_greedy:
-            return argmax, torch.zeros(len(x), device=x.device)
+            return x.argmax(-1), torch.zeros(len(x), device=x.device)
         logp = x.log_softmax(-1)
         u = uniform(self.seeds, self.draws)
         if q is None:
@@ -305,9 +308,10 @@ class Sampler:
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
             drawn = torch.where(keep, proposed, draw(residual.log(), u))
         self.draws += active
-        tokens = torch.where(self.greedy, argmax, drawn)
-        sampling_logprob = torch.where(self.greedy, torch.zeros_like(self.temperature),
-                                       logp.gather(1, tokens[:, None])[:, 0])
+        tokens = torch.where(self.greedy, x.argmax(-1), drawn) if self.any_greedy else drawn
+        sampling_logprob = logp.gather(1, tokens[:, None])[:, 0]
+        if self.any_greedy:
+            sampling_logprob = sampling_logprob.where(~self.greedy, 0.0)
         if self.use_mirostat:
             surprise = -sampling_logprob / math.log(2)
             self.mu = torch.where(torch.isfinite(self.mu) & active,
