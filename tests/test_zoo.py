@@ -73,6 +73,8 @@ def test_perplexity_is_under_a_fifth_of_unigram_on_any_slice(name, offset, zoo, 
     # together cover the whole test suite; 20k tokens of each
     texts = [f.read_text(encoding="utf-8", errors="replace")   # one file is not UTF-8
              for f in ev.heldout_files(offset=offset)]
+    if not texts:     # a Python that ships a few test files only (Debian's) lacks slices
+        pytest.skip(f"no held-out files at offset {offset}")
     docs = ev.encode_documents(zoo[name].tokenizer, texts, max_tokens=20_000)
     assert ev.perplexity(zoo[name].model, docs) <= 0.2 * ev.unigram_perplexity(docs)
 
