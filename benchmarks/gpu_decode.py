@@ -17,12 +17,15 @@ warm-up):
 - the batch-1 roofline: the weights' bytes over the measured device copy bandwidth;
 - with `--eager`, the engine's own rates again with `compile=False` (no CUDA graphs);
 - with `--fused`, again with `TOOLKIT_FUSED_GRAPHS=1` (the graphed step compiled by
-  inductor first), on both models, with the fused graph's own step time;
+  inductor first), on both models, with the fused graph's own step time (its ratios read
+  the plain run's `generate()`);
 - with `--walked`, the engine's own rates again on the same engines with the overlap off
   (each run of steps walked by the host before the next is queued), on both models.
 The engine is otherwise loaded as `toolkit.load` gives it: decode steps as CUDA graphs on a
 GPU.
-Writes JSON to benchmarks/results/gpu_decode.json.
+Writes JSON to benchmarks/results/gpu_decode.json (`--out`) after each measurement, so a run
+cut short by a time limit keeps what it measured; a measurement that fails is recorded
+as its error and the next one goes on.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -151,19 +155,26 @@ def _graph_step(llm: tk.LLM) -> dict:
 
 def measure(result: dict, name: str, source: str, args: argparse.Namespace,
             fused: bool = False) -> None:
-    """Rates and the graph's step time of one model, loaded as a user would load it."""
+    """Rates and the graph's step time of one model, loaded as a user would load it
+    (`generate()` only once per model: the fused engine reads the plain run's). A failure
+    is recorded, and the next measurement goes on."""
     os.environ["TOOLKIT_FUSED_GRAPHS"] = "1" if fused else "0"
     try:
         llm = tk.load(source, device=args.device, dtype="bfloat16", progress=False)
-        result[name] = rates(llm, args.tokens, args.repeats)
+        result[name] = rates(llm, args.tokens, args.repeats, generate_too=not fused)
         result[name + "_graph_step"] = graph_step(llm)
         result[name]["step"] = getattr(getattr(llm.engine.runner, "step", None), "state", None)
         result[name]["overlap"] = llm.engine.decoder.overlap
         if args.walked and not fused:
             llm.engine.decoder.overlap = False
-            result[name + "_walked"] = rates(llm, args.tokens, args.repeats, generate_too=False)
+            result[name + "_walked"] = rates(llm, args.tokens, args.repeats,
+                                             generate_too=False)
+    except Exception as err:
+        traceback.print_exc()
+        result.setdefault(name, {})["error"] = f"{err!s:.300}"
     finally:
         os.environ.pop("TOOLKIT_FUSED_GRAPHS")
+        save(result, args.out)
 
 
 def main() -> None:
@@ -188,33 +199,43 @@ def main() -> None:
         bandwidth = copy_bandwidth(device)
         result.update(weights_bytes=weights, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       roofline_tok_s=round(bandwidth / weights, 1))
+        # the figures the targets read first, the slow compiles last; each saved as it comes
         measure(result, "llama_1b_shape", folder, args)
+        measure(result, "tiny_code", "tiny-code", args)
         if args.eager:
             eager = tk.load(folder, device=device, dtype="bfloat16", compile=False,
                             progress=False)
             result["llama_1b_shape_eager"] = rates(eager, args.tokens, args.repeats)
             del eager
+            save(result, args.out)
         if args.fused:
             measure(result, "llama_1b_shape_fused", folder, args, fused=True)
-    measure(result, "tiny_code", "tiny-code", args)
     if args.fused:
         measure(result, "tiny_code_fused", "tiny-code", args, fused=True)
-    big = result["llama_1b_shape"]
-    result["batch1_fraction_of_roofline"] = round(big["batch1_capture_on"]
-                                                  / result["roofline_tok_s"], 3)
-    result["n64_ratio"] = round(big["n64_engine"] / big["n64_generate"], 2)
-    result["tiny_n64_ratio"] = round(result["tiny_code"]["n64_engine"]
-                                     / result["tiny_code"]["n64_generate"], 2)
-    if args.fused:
-        fused = result["llama_1b_shape_fused"]
-        result["fused_batch1_fraction_of_roofline"] = round(
-            fused["batch1_capture_on"] / result["roofline_tok_s"], 3)
-        result["fused_n64_ratio"] = round(fused["n64_engine"] / fused["n64_generate"], 2)
-        result["fused_tiny_n64_ratio"] = round(result["tiny_code_fused"]["n64_engine"]
-                                               / result["tiny_code_fused"]["n64_generate"], 2)
     print(json.dumps(result, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+MODELS = ("llama_1b_shape", "tiny_code")
+
+
+def save(result: dict, out: Path) -> None:
+    """Write what is measured so far, with the ratios the targets read, and say what came:
+    a run cut short by a time limit keeps its figures."""
+    for prefix, suffix in (("", ""), ("fused_", "_fused")):
+        big, tiny = (result.get(model + suffix, {}) for model in MODELS)
+        plain_big, plain_tiny = (result.get(model, {}) for model in MODELS)
+        if "batch1_capture_on" in big:
+            result[prefix + "batch1_fraction_of_roofline"] = round(
+                big["batch1_capture_on"] / result["roofline_tok_s"], 3)
+            if "n64_generate" in plain_big:
+                result[prefix + "n64_ratio"] = round(big["n64_engine"]
+                                                     / plain_big["n64_generate"], 2)
+        if "n64_engine" in tiny and "n64_generate" in plain_tiny:
+            result[prefix + "tiny_n64_ratio"] = round(tiny["n64_engine"]
+                                                      / plain_tiny["n64_generate"], 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("saved:", ", ".join(k for k, v in result.items() if isinstance(v, dict)), flush=True)
 
 
 if __name__ == "__main__":
