@@ -7,6 +7,8 @@ import gc
 import json
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -202,6 +204,29 @@ def test_a_driven_engine_steps_on_its_own_thread(llm):
     finally:
         del llm.engine._round
     assert settled(llm)
+
+
+EXIT_MID_REQUEST = """
+import threading, time
+import toolkit as tk
+llm = tk.load("tiny-code", compile=False, progress=False)
+def serve():
+    with llm.engine.driven():
+        llm.completions.create(prompt="def f(x):", max_tokens=900, ignore_eos=True, n=4)
+threading.Thread(target=serve, daemon=True).start()
+time.sleep({delay})
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5])
+def test_a_process_exits_cleanly_in_the_middle_of_a_driven_request(delay):
+    """A script that serves from a daemon thread and ends while a request decodes (as a
+    server stopped with no `stop()` does) exits normally. Before the engine waited for
+    the round in progress at exit, every such exit (16 of 16) aborted: the driver thread
+    was ended inside a torch kernel ('terminate called without an active exception')."""
+    run = subprocess.run([sys.executable, "-c", EXIT_MID_REQUEST.format(delay=delay)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-800:]
 
 
 # --------------------------------------------------------------------------- extreme knobs

@@ -24,12 +24,16 @@ bit-identical to the same request made alone), at the price of one forward per j
 A round is never cut short: on the main thread, a Ctrl-C that arrives during a round is
 held back until the round ends, then raised, so the engine's state is always whole. The
 interrupted caller then cancels its job; closing a handle (or dropping it) cancels too.
+At exit, the rounds other threads are running are waited for and no new one starts (see
+`_no_rounds_at_exit`).
 """
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
@@ -53,6 +57,20 @@ _POLL_S = 0.1     # a caller waiting for another thread's round wakes this often
 # instead of idling while Python walks each token; on a CPU, recording 8 steps' tokens in
 # one go made batch-1 decoding of tiny-code ~20% faster (866 -> 1035 tok/s, 2 cores).
 DRAW_AHEAD = 8
+_EXIT_WAIT_S = 30.0   # the longest a process's exit waits for a round in progress
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _no_rounds_at_exit() -> None:
+    """Let the rounds in progress end and start no other. Why: a daemon thread (the
+    driver of a server, its workers, a user's own) still inside a torch kernel when the
+    interpreter finalizes is ended from within C++ code, which aborts the whole process
+    ('terminate called without an active exception'; every one of 16 exits in the middle
+    of a driven request did). A thread that waits for a round instead waits on a Python
+    lock, where ending it is harmless."""
+    for engine in list(_engines):
+        engine._stepping.acquire(timeout=_EXIT_WAIT_S)     # and never released
 
 
 class Handle:
@@ -119,6 +137,7 @@ class Engine:
         self._live: list[tuple[Handle, Iterator[Update]]] = []
         self._driver: Optional[threading.Thread] = None    # see `driven`
         self._drivers_wanted = 0
+        _engines.add(self)
 
     @property
     def in_flight(self) -> int:
