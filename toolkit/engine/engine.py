@@ -57,7 +57,7 @@ _POLL_S = 0.1     # a caller waiting for another thread's round wakes this often
 # instead of idling while Python walks each token; on a CPU, recording 8 steps' tokens in
 # one go made batch-1 decoding of tiny-code ~20% faster (866 -> 1035 tok/s, 2 cores).
 DRAW_AHEAD = 8
-_EXIT_WAIT_S = 30.0   # the longest a process's exit waits for a round in progress
+_EXIT_WAIT_S = 30.0   # the longest a process's exit waits for rounds in progress
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
@@ -69,8 +69,9 @@ def _no_rounds_at_exit() -> None:
     ('terminate called without an active exception'; every one of 16 exits in the middle
     of a driven request did). A thread that waits for a round instead waits on a Python
     lock, where ending it is harmless."""
-    for engine in list(_engines):
-        engine._stepping.acquire(timeout=_EXIT_WAIT_S)     # and never released
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for engine in list(_engines):                           # (each lock never released)
+        engine._stepping.acquire(timeout=max(deadline - time.monotonic(), 0))
 
 
 class Handle:
