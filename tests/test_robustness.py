@@ -11,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import pytest
 from conftest import settled
 from wire import check_chunk
 
 import toolkit as tk
+from toolkit import completions
+from toolkit.engine.engine import CancelScope
 from toolkit.errors import InvalidRequestError
 
 PROMPT = "def add(a, b):\n    return a + b\n"
@@ -204,6 +207,26 @@ def test_a_driven_engine_steps_on_its_own_thread(llm):
     finally:
         del llm.engine._round
     assert settled(llm)
+
+
+def test_a_cancel_scope_drops_its_requests(llm, monkeypatch):
+    """What a server uses to drop the request of a client that went away: once its scope
+    is cancelled (here, as the prefill's update arrives), `create` raises CancelledError
+    at the next step, the engine keeps nothing and the log says cancelled; a request made
+    in the scope afterwards fails at once; one made outside it is served."""
+    scope = CancelScope()
+    apply = completions._Run.apply
+    monkeypatch.setattr(completions._Run, "apply",
+                        lambda run, *args: (scope.cancel(), apply(run, *args))[1])
+    with scope:
+        with pytest.raises(CancelledError):
+            llm.completions.create(prompt=PROMPT, max_tokens=50, ignore_eos=True)
+        monkeypatch.undo()
+        with pytest.raises(CancelledError):
+            llm.completions.create(prompt=PROMPT, max_tokens=5)
+    assert settled(llm)
+    assert [e["status"] for e in llm.request_log.entries[-2:]] == ["cancelled"] * 2
+    assert llm.completions.create(prompt=PROMPT, max_tokens=5).choices[0].text
 
 
 EXIT_MID_REQUEST = """

@@ -3,6 +3,7 @@ request gives in-process; keys, limits, concurrency and dropped clients."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -257,6 +258,22 @@ def test_a_client_dropping_mid_stream_frees_its_request(long_llm):
         entry = next(e for e in reversed(llm.request_log.entries) if e["id"] == first["id"])
         assert entry["status"] == "cancelled"
         assert post(server, {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_dropping_a_whole_request_frees_it(long_llm, caplog):
+    """A client that gives up on a (non-streaming) response has its request cancelled at
+    once, not run to its end (64 choices of 1000 tokens take tens of seconds on a CPU),
+    and quietly: it is no failure of the server's."""
+    llm = long_llm
+    body = {"prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "n": 64}
+    with tk.serve(llm, port=0) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/completions", json=body, timeout=0.5)
+        assert settled(llm, timeout=5)
+        entry = llm.request_log.entries[-1]
+        assert entry["params"]["n"] == 64 and entry["status"] == "cancelled"
+        assert post(server, {"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_serving_beyond_loopback_needs_a_key(monkeypatch):

@@ -15,6 +15,7 @@ import dataclasses
 import secrets
 import time
 import uuid
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Union
 from typing import Sequence as SequenceOf
@@ -278,6 +279,8 @@ def _run_together(llm: "LLM", runs: list["_Run"], progress: Optional[bool] = Non
             bar.update(sum(len(row.tokens) for row in update.rows))
             if update.done:
                 status = "completed"
+    except CancelledError:
+        raise                           # (a `CancelScope` dropped it: "cancelled")
     except Exception:
         status = "error"
         raise
@@ -432,6 +435,8 @@ class _Run:
                         status = "completed"
                     for k, c in enumerate(changed):
                         yield self._chunk(c, last=part.done and k == len(changed) - 1)
+        except CancelledError:
+            raise
         except Exception:
             status = "error"
             raise

@@ -13,8 +13,8 @@ keep in step with it (Starlette is the toolkit FastAPI itself is built on).
 
 Each request runs `create` on a worker thread, while the engine steps every live request
 on a thread of its own (`Engine.driven`): requests from many clients decode side by side,
-each with the numbers it would get alone, and a client that goes away mid-stream has its
-request cancelled at once. Safe by default: loopback only unless a host is named, and then
+each with the numbers it would get alone, and a client that goes away (mid-stream, or
+while its whole response is made) has its request cancelled at once. Safe by default: loopback only unless a host is named, and then
 only with an API key (a bearer token, compared in constant time); limits on body size,
 `n`, prompt count and concurrent requests each answer with a clear error.
 """
@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import CancelledError
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .engine.engine import CancelScope
 from .errors import (APIError, AuthenticationError, InvalidRequestError, NotFoundError,
                      RateLimitError, RequestTooLargeError)
 from .responses import DETAILS_FIELD, DETAILS_HEADER
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .llm import LLM
 
 logger = logging.getLogger("toolkit")
+CLIENT_CLOSED_REQUEST = 499     # (nginx's status for it: nobody is left to read it)
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ class _API:
                                  f"shortly")
         self.active += 1               # a stream is uncounted when it ends (`_closed`)
         try:
-            response = await self._complete(fields, request.headers.get(DETAILS_HEADER) == "1")
+            response = await self._complete(request, fields,
+                                             request.headers.get(DETAILS_HEADER) == "1")
         except BaseException:
             self.active -= 1
             raise
@@ -185,13 +189,18 @@ class _API:
             raise InvalidRequestError(f"{len(req.prompts)} prompts; this server takes up to "
                                       f"{self.limits.max_prompts} per request", "prompt")
 
-    async def _complete(self, fields: dict[str, Any], details: bool) -> Response:
+    async def _complete(self, request: Request, fields: dict[str, Any], details: bool
+                        ) -> Response:
         self._check_limits(fields)
         if fields.get("stream"):
             chunks = await self._in_thread(partial(self.llm.completions.create, **fields))
             return _EventStream(self._events(chunks, details), partial(self._closed, chunks))
-        resp = await self._in_thread(partial(self.llm.completions.create, **{
-            **fields, "perf_metrics_in_response": True}))   # always sent as headers
+        try:
+            resp = await self._while_connected(request, partial(
+                self.llm.completions.create,
+                **{**fields, "perf_metrics_in_response": True}))   # always sent as headers
+        except CancelledError:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         perf = resp.perf_metrics or {}
         body = _json(resp, details, keep_perf=bool(fields.get("perf_metrics_in_response")))
         return Response(body, media_type="application/json",
@@ -199,6 +208,24 @@ class _API:
 
     async def _in_thread(self, call: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)
+
+    async def _while_connected(self, request: Request, call: Any) -> Any:
+        """`call()` on a worker thread, its requests cancelled should the client go away
+        first (it then raises CancelledError). A stream's requests are cancelled when its
+        sending stops (`_EventStream`)."""
+        scope = CancelScope()
+        failure: Optional[Exception] = None
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(_cancel_when_gone, request, scope)
+            try:
+                result = await self._in_thread(partial(_within, scope, call))
+            except Exception as err:        # raised after the group, which would wrap it
+                failure = err
+            finally:
+                watch.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
 
     async def _events(self, chunks: Iterator[Any], details: bool) -> AsyncIterator[str]:
         """Server-sent events of a stream's chunks; a failure mid-stream is sent as an
@@ -220,6 +247,19 @@ class _API:
         is cancelled (if still running) and uncounted."""
         chunks.close()
         self.active -= 1
+
+
+def _within(scope: CancelScope, call: Any) -> Any:
+    with scope:
+        return call()
+
+
+async def _cancel_when_gone(request: Request, scope: CancelScope) -> None:
+    """Cancel the scope's requests once the client disconnects. (The body has been read,
+    so the next message the connection brings is that one.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 def _header(value: Any) -> str:

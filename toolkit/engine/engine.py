@@ -37,6 +37,7 @@ import weakref
 from collections import deque
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -111,6 +112,43 @@ class Handle:
             self._engine._drop_cancelled()
 
 
+class CancelScope:
+    """Cancels, from any thread, the jobs submitted inside `with scope:` (on the thread
+    that entered it; a job submitted after `cancel()` fails at once). How a server drops
+    the request of a client that went away while its response was being made: the
+    request's `create` then raises `CancelledError`."""
+
+    def __init__(self) -> None:
+        self._handles: list[Handle] = []
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._token: Any = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            handles = list(self._handles)
+        for handle in handles:
+            handle.close()
+
+    def add(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.append(handle)
+            cancelled = self._cancelled
+        if cancelled:
+            handle.close()
+
+    def __enter__(self) -> "CancelScope":
+        self._token = _scope.set(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _scope.reset(self._token)
+
+
+_scope: ContextVar[Optional[CancelScope]] = ContextVar("toolkit_cancel_scope", default=None)
+
+
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo,
                  prefix_cache_bytes: int = 256 * 2**20, lean_forward: bool = True,
@@ -152,6 +190,9 @@ class Engine:
             handle.concurrent = len(self._live) + 1
             self._live.append((handle, self.decoder.run(job, handle.submitted)))
             self._cv.notify_all()              # a driver waiting for work wakes up
+        scope = _scope.get()
+        if scope is not None:
+            scope.add(handle)
         return handle
 
     @contextmanager
