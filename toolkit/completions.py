@@ -436,7 +436,7 @@ class _Run:
                     for k, c in enumerate(changed):
                         yield self._chunk(c, last=part.done and k == len(changed) - 1)
         except CancelledError:
-            raise
+            raise                       # (a `CancelScope` dropped it: "cancelled")
         except Exception:
             status = "error"
             raise

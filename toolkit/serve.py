@@ -14,9 +14,10 @@ keep in step with it (Starlette is the toolkit FastAPI itself is built on).
 Each request runs `create` on a worker thread, while the engine steps every live request
 on a thread of its own (`Engine.driven`): requests from many clients decode side by side,
 each with the numbers it would get alone, and a client that goes away (mid-stream, or
-while its whole response is made) has its request cancelled at once. Safe by default: loopback only unless a host is named, and then
-only with an API key (a bearer token, compared in constant time); limits on body size,
-`n`, prompt count and concurrent requests each answer with a clear error.
+while its whole response is made) has its request cancelled at once. Safe by default:
+loopback only unless a host is named, and then only with an API key (a bearer token,
+compared in constant time); limits on body size, `n`, prompt count and concurrent requests
+each answer with a clear error.
 """
 from __future__ import annotations
 
