@@ -213,9 +213,21 @@ def main() -> None:
     if args.fused:
         measure(result, "tiny_code_fused", "tiny-code", args, fused=True)
     print(json.dumps(result, indent=1))
+    print(targets(result))
 
 
 MODELS = ("llama_1b_shape", "tiny_code")
+
+
+def targets(result: dict) -> str:
+    """DESIGN §8's targets against this run's figures (fused ones in brackets)."""
+    def figure(key: str, unit: str = "") -> str:
+        plain, fused = (result.get(prefix + key) for prefix in ("", "fused_"))
+        return f"{plain}{unit}" + (f" (fused {fused}{unit})" if fused is not None else "")
+    return (f"on {result['device']}: batch 1 at {figure('batch1_fraction_of_roofline')} of "
+            f"the roofline (target 0.6); n=64 at {figure('n64_ratio', 'x')} generate() "
+            f"(target 5x); tiny-code n=64 at {figure('tiny_n64_ratio', 'x')} generate() "
+            f"(target over 1x)")
 
 
 def save(result: dict, out: Path) -> None:
