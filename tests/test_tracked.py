@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import forward_logprobs
+from wire import check_completion
 
 from toolkit.errors import InvalidRequestError
 
@@ -48,6 +49,7 @@ def test_one_token_strings_and_alone_without_logprobs(llm):
     resp = llm.completions.create(prompt=PROMPT, max_tokens=2, logprobs_for_tokens=[token])
     entry = resp.choices[0].logprobs.content[0]
     assert entry.logprobs_for_tokens[0].token_id == 42 and entry.top_logprobs == []
+    check_completion(resp)          # the SDKs parse it (the extension rides as an extra)
 
 
 @pytest.mark.parametrize("fields", [

@@ -45,8 +45,10 @@ def assert_no_unknown_fields(obj: Any, path: str = "") -> None:
             assert_no_unknown_fields(value, f"{path}.{key}")
     elif hasattr(obj, "model_fields_set"):
         extra = getattr(obj, "__pydantic_extra__", None) or {}
-        # our documented reading of the reference's content entries (DESIGN §4)
-        extra = {k: v for k, v in extra.items() if k not in ("extra_tokens", "extra_logprobs")}
+        # our documented reading of the reference's content entries (DESIGN §4), and the
+        # toolkit's own `logprobs_for_tokens`, there only when a request asks for it
+        extra = {k: v for k, v in extra.items()
+                 if k not in ("extra_tokens", "extra_logprobs", "logprobs_for_tokens")}
         assert not extra, f"fields the SDK does not know at {path or 'top'}: {sorted(extra)}"
         for name in type(obj).model_fields:
             assert_no_unknown_fields(getattr(obj, name), f"{path}.{name}")
