@@ -213,10 +213,47 @@ def main() -> None:
     if args.fused:
         measure(result, "tiny_code_fused", "tiny-code", args, fused=True)
     print(json.dumps(result, indent=1))
+    print(table_rows(result))
     print(targets(result))
 
 
 MODELS = ("llama_1b_shape", "tiny_code")
+
+
+def table_rows(result: dict) -> str:
+    """This run as rows of benchmarks/README.md's table (its "code" column left to fill):
+    the engine as loaded, then each variant measured beside it; ratios read the plain
+    run's `generate()`."""
+    import datetime
+
+    plain, plain_tiny = result.get("llama_1b_shape", {}), result.get("tiny_code", {})
+    if "batch1_generate" not in plain:
+        return "(the plain run failed: no rows)"
+    ratio = lambda a, b: f"**{a / b:.2f}x**" if a and b else "—"
+    rows = []
+    for suffix, what in (("", "as loaded"), ("_fused", "fused"), ("_walked", "overlap off"),
+                         ("_eager", "compile=False")):
+        big = result.get("llama_1b_shape" + suffix, {})
+        tiny = result.get("tiny_code" + suffix, {})
+        if "batch1_capture_on" not in big:
+            continue
+        first = not rows
+        b1, roofline = big["batch1_capture_on"], result["roofline_tok_s"]
+        n64, n64_generate = big["n64_engine"], plain["n64_generate"]
+        tiny_n64 = tiny.get("n64_engine")
+        cells = [
+            str(datetime.date.today()), f"? ({what})",
+            f"{result['device']}, torch {result['torch']}" if first else "same run",
+            f"{roofline:,.0f} tok/s ({result['copy_bandwidth_gb_s']:,.0f} GB/s)"
+            if first else "",
+            f"{b1:,.1f} tok/s (**{b1 / roofline:.1%}**)",
+            f"{big['batch1_capture_off']:,.1f}", f"{plain['batch1_generate']:,.1f}",
+            f"{n64:,.0f} tok/s", f"{n64_generate:,.0f} ({ratio(n64, n64_generate)})",
+            f"{tiny['batch1_capture_on']:,.0f}" if tiny_n64 else "—",
+            f"{tiny_n64:,.0f} / {plain_tiny['n64_generate']:,.0f} "
+            f"({ratio(tiny_n64, plain_tiny.get('n64_generate'))})" if tiny_n64 else "—"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def targets(result: dict) -> str:
