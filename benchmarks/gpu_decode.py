@@ -260,7 +260,8 @@ def targets(result: dict) -> str:
     """DESIGN §8's targets against this run's figures (fused ones in brackets)."""
     def figure(key: str, unit: str = "") -> str:
         plain, fused = (result.get(prefix + key) for prefix in ("", "fused_"))
-        return f"{plain}{unit}" + (f" (fused {fused}{unit})" if fused is not None else "")
+        return (f"{plain}{unit}" if plain is not None else "—") + (
+            f" (fused {fused}{unit})" if fused is not None else "")
     return (f"on {result['device']}: batch 1 at {figure('batch1_fraction_of_roofline')} of "
             f"the roofline (target 0.6); n=64 at {figure('n64_ratio', 'x')} generate() "
             f"(target 5x); tiny-code n=64 at {figure('tiny_n64_ratio', 'x')} generate() "
