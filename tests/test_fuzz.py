@@ -1,5 +1,6 @@
 """Whole request dicts, fuzzed: every outcome is a valid response (whole or streamed) or an
-API error naming a real field, and the engine serves the next request all the same."""
+API error naming a real field, and the engine serves the next request all the same; and
+valid requests of every shape stream exactly as their whole responses."""
 from __future__ import annotations
 
 import json
@@ -127,3 +128,71 @@ def test_the_engine_serves_after_the_fuzz(llm):
     resp = llm.completions.create(prompt="def f(x):", max_tokens=3, temperature=0,
                                   ignore_eos=True)
     assert resp.usage.completion_tokens == 3
+
+
+# ------------------------------------------------- valid requests: a stream is its response
+
+STREAM_PROMPTS = ["def f(x):\n    ", "import os\n", "x = 'é😀'\n", "class A:\n", "#"]
+
+
+@st.composite
+def valid_requests(draw):
+    """Requests the engine serves, across the knobs that shape a stream's chunks: stop
+    strings, echo, several prompts and choices, both logprobs formats, predictions, JSON
+    mode, reasoning, tracked tokens."""
+    kw = dict(prompt=draw(st.one_of(st.sampled_from(STREAM_PROMPTS), st.lists(
+                  st.sampled_from(STREAM_PROMPTS), min_size=1, max_size=2))),
+              max_tokens=draw(st.integers(0, 12)), n=draw(st.integers(1, 3)),
+              seed=draw(st.integers(0, 5)), return_token_ids=True,
+              temperature=draw(st.sampled_from([0, 0.7, 1.0])),
+              echo=draw(st.booleans()), ignore_eos=draw(st.booleans()))
+    if draw(st.booleans()):
+        kw["stop"] = draw(st.lists(st.text(alphabet="ef(): \n\t_os=é", min_size=1,
+                                           max_size=3), min_size=1, max_size=3))
+    legacy = draw(st.booleans())
+    if legacy:
+        kw["logprobs"] = draw(st.integers(0, 3))
+    elif draw(st.booleans()):
+        kw.update(logprobs=True, top_logprobs=draw(st.integers(0, 3)))
+    extra = draw(st.sampled_from(["", "prediction", "json", "reasoning", "tracked"]))
+    if extra == "prediction":
+        kw["prediction"] = {"type": "content", "content": "    return x\n"}
+    elif extra == "json" and not legacy:
+        kw["response_format"] = {"type": "json_object"}
+    elif extra == "reasoning":
+        kw["reasoning_effort"] = draw(st.sampled_from(["low", "none", 3]))
+    elif extra == "tracked" and not legacy:
+        kw["logprobs_for_tokens"] = [5, 40]
+    return kw
+
+
+def _joined(chunks):
+    """Per choice: text, token ids, logprobs (entries or legacy tokens), finish reason."""
+    out = {}
+    for chunk in chunks:
+        check_chunk(chunk)
+        for c in chunk.choices:
+            text, ids, lps, finish = out.get(c.index, ("", [], [], None))
+            if c.logprobs is not None:
+                lps = lps + (c.logprobs.content if hasattr(c.logprobs, "content")
+                             else c.logprobs.tokens)
+            out[c.index] = (text + c.text, ids + (c.token_ids or []), lps,
+                            c.finish_reason or finish)
+    return out
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(fields=valid_requests())
+def test_any_valid_request_streams_as_its_whole_response(llm, fields):
+    whole = llm.completions.create(**fields)
+    check_completion(whole)
+    chunks = list(llm.completions.create(stream=True, **fields))
+    joined = _joined(chunks)
+    for choice in whole.choices:
+        lps = [] if choice.logprobs is None else (
+            choice.logprobs.content if hasattr(choice.logprobs, "content")
+            else choice.logprobs.tokens)
+        assert joined[choice.index] == (choice.text, choice.token_ids or [], lps,
+                                        choice.finish_reason)
+    assert chunks[-1].usage == whole.usage
